@@ -1,0 +1,103 @@
+"""Reading and writing the per-modality feature tables (DIR/<modality>/*.parquet), Beam-free.
+
+Vectors travel as flat fixed_size_list<float32> columns; readers hand back (N, D) numpy arrays taken
+straight from the Arrow value buffers, never per-row Python objects.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from pipelines import storage
+from pipelines.contracts import FeatureSpec
+
+
+@dataclass
+class FeatureTable:
+    """One modality's features, column-major: ids plus (N, ...) float32 arrays and scalar arrays."""
+    modality: str
+    featurizer: str                       # name@version (all rows share it)
+    video_ids: np.ndarray                 # (N,) object array of str
+    vectors: dict[str, np.ndarray]        # column -> (N, *shape) float32
+    scalars: dict[str, np.ndarray]        # column -> (N,) numpy (float64 with NaN for nulls)
+    config: dict
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+
+def fixed_size_list_to_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, *shape) float32 view of a fixed_size_list column; null rows become NaN."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    size = column.type.list_size
+    n = len(column)
+    if column.null_count:
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        offset = column.offset * size
+        flat = values[offset: offset + n * size].reshape(n, size).copy()
+        flat[~column.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    else:
+        values = column.values.to_numpy(zero_copy_only=False)
+        offset = column.offset * size
+        flat = values[offset: offset + n * size].astype(np.float32, copy=False).reshape(n, size)
+    return flat.reshape((n, *shape))
+
+
+def numpy_to_fixed_size_list(array: np.ndarray) -> pa.FixedSizeListArray:
+    """Inverse of fixed_size_list_to_numpy for a dense (N, ...) array."""
+    flat = np.ascontiguousarray(array, dtype=np.float32).reshape(len(array), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+
+def modality_path(features_dir: str, modality: str) -> str:
+    return storage.join(features_dir, modality)
+
+
+def read_feature_table(features_dir: str, modality: str, columns: list[str] | None = None) -> FeatureTable:
+    """Read DIR/<modality>/ (all Parquet files under it) into a FeatureTable."""
+    path = modality_path(features_dir, modality)
+    fs, root = storage.filesystem_and_path(path)
+    dataset = ds.dataset(root, filesystem=fs, format="parquet",
+                         exclude_invalid_files=True, ignore_prefixes=["_", "."])
+    table = dataset.to_table(columns=columns)
+    metadata = dataset.schema.metadata or {}
+    shapes = json.loads(metadata.get(b"popcast.shapes", b"{}"))
+    config = json.loads(metadata.get(b"popcast.config", b"{}"))
+    featurizer = metadata.get(b"popcast.featurizer", b"").decode()
+    vectors, scalars = {}, {}
+    for name in table.column_names:
+        if name in ("video_id", "featurizer"):
+            continue
+        col = table.column(name)
+        if pa.types.is_fixed_size_list(col.type):
+            shape = tuple(shapes.get(name, [col.type.list_size]))
+            vectors[name] = fixed_size_list_to_numpy(col, shape)
+        elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+            scalars[name] = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        else:
+            scalars[name] = col.to_numpy(zero_copy_only=False)
+    if table.num_rows and not featurizer:
+        featurizer = table.column("featurizer")[0].as_py()
+    return FeatureTable(modality=modality, featurizer=featurizer,
+                        video_ids=table.column("video_id").to_numpy(zero_copy_only=False),
+                        vectors=vectors, scalars=scalars, config=config)
+
+
+def feature_table_to_arrow(spec: FeatureSpec, video_ids: list[str], vectors: dict[str, np.ndarray],
+                           scalars: dict[str, np.ndarray | list] | None = None) -> pa.Table:
+    """Build a table in spec.schema() from column-major numpy data (used by tests and batch writers)."""
+    schema = spec.schema()
+    columns: dict[str, pa.Array] = {
+        "video_id": pa.array(video_ids, pa.string()),
+        "featurizer": pa.array([spec.featurizer_id] * len(video_ids), pa.string()),
+    }
+    for name in spec.shapes:
+        columns[name] = numpy_to_fixed_size_list(vectors[name])
+    for name, dtype in spec.scalars:
+        columns[name] = pa.array((scalars or {})[name], dtype)
+    return pa.Table.from_pydict(columns, schema=schema)

