@@ -26,7 +26,9 @@ demo: $(STAMP)
 	$(VENV)/bin/popcast demo --output demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	@$(PY) -m pytest -q -m "not slow" tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
+	exit $$status
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -97,8 +97,10 @@ def _category_keys(values: np.ndarray) -> np.ndarray:
         ok = ~np.isnan(values)
         out[ok] = values[ok].astype(np.int64).astype(str)
         return out
-    series = pl.Series(values, dtype=pl.String, strict=False).fill_null("")
-    return series.to_numpy()
+    if values.dtype.kind == "O":
+        # Object arrays (strings with None) go through Arrow, which knows how to read them.
+        return pa.array(values, from_pandas=True).cast(pa.string()).fill_null("").to_numpy(zero_copy_only=False)
+    return values.astype(str)
 
 
 def fit_layout(table: FeatureTable, train_rows: np.ndarray) -> ModalityLayout:

@@ -64,6 +64,11 @@ FEATURE_KEY_COLUMNS = (pa.field("video_id", pa.string(), nullable=False),
                        pa.field("featurizer", pa.string(), nullable=False))  # "name@version"
 
 
+# A vector a row does not have (no audio stream, say) is stored as all-NaN, not as a null list:
+# pyarrow 25 writes null fixed-size lists to Parquet but cannot read them back.
+MISSING_VECTOR = float("nan")
+
+
 def embedding_type(dim: int) -> pa.DataType:
     """An embedding (or a flattened K×D sequence) as fixed_size_list<float32>[dim]."""
     return pa.list_(pa.float32(), dim)

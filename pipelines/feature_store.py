@@ -64,8 +64,14 @@ def read_feature_table(features_dir: str, modality: str, columns: list[str] | No
     fs, root = storage.filesystem_and_path(path)
     dataset = ds.dataset(root, filesystem=fs, format="parquet",
                          exclude_invalid_files=True, ignore_prefixes=["_", "."])
-    table = dataset.to_table(columns=columns)
-    metadata = dataset.schema.metadata or {}
+    if not dataset.files:
+        raise FileNotFoundError(f"no {modality} features under {features_dir}")
+    return feature_table_from_arrow(dataset.to_table(columns=columns), modality, dataset.schema.metadata)
+
+
+def feature_table_from_arrow(table: pa.Table, modality: str, metadata: dict | None = None) -> FeatureTable:
+    """A FeatureTable over an Arrow table in a FeatureSpec schema (metadata defaults to the table's)."""
+    metadata = metadata if metadata is not None else (table.schema.metadata or {})
     shapes = json.loads(metadata.get(b"popcast.shapes", b"{}"))
     config = json.loads(metadata.get(b"popcast.config", b"{}"))
     featurizer = metadata.get(b"popcast.featurizer", b"").decode()

@@ -46,7 +46,7 @@ def _frame_image(index: int, t_s: float, seconds: float, width: int, height: int
 def write_clip(path: PathLike, *, width: int = 320, height: int = 576, fps: int = 30,
                seconds: float = 2.0, gop: int = 30, audio: bool = True, rotation: int = 0,
                color_seed: int = 0, moving: bool = True, vfr: bool = False,
-               audio_rate: int = 44100, audio_channels: int = 1) -> Path:
+               audio_rate: int = 44100, audio_channels: int = 1, faststart: bool = False) -> Path:
     """Write an H.264 (libx264, yuv420p) MP4, with an AAC track unless audio=False.
 
     Args:
@@ -61,6 +61,9 @@ def write_clip(path: PathLike, *, width: int = 320, height: int = 576, fps: int 
         color_seed: seeds the per-clip tint, so two clips with different seeds differ.
         moving: draw a moving bar (otherwise frames differ only by the brightness ramp).
         vfr: irregular presentation timestamps (variable frame rate).
+        audio_rate, audio_channels: AAC sample rate (44100 or 48000) and channel count (1 or 2).
+        faststart: put the index (moov) before the media data, as phones and web uploads do; by
+            default it comes last, so a truncated file has no index at all.
 
     Returns:
         The path written, as a Path.
@@ -70,7 +73,8 @@ def write_clip(path: PathLike, *, width: int = 320, height: int = 576, fps: int 
     tint = rng.uniform(-12.0, 12.0, size=3).astype(np.float32)
     n_frames = max(1, int(round(seconds * fps)))
 
-    with av.open(str(path), mode="w", format="mp4") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format="mp4", options=options) as container:
         # A fine time base lets vfr timestamps land between nominal frame slots.
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
@@ -171,4 +175,13 @@ def write_text(path: PathLike) -> Path:
     """A non-video file with a video extension (a text file named .mp4)."""
     path = Path(path)
     path.write_text("this is not a video, just a text file with an .mp4 name\n" * 20)
+    return path
+
+
+def write_audio_only(path: PathLike, *, seconds: float = 1.0, rate: int = 44100) -> Path:
+    """An MP4 (.m4a-like) with an AAC track and no video stream."""
+    path = Path(path)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        _write_sine(container, stream, seconds, rate, 1)
     return path

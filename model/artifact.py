@@ -1,0 +1,165 @@
+"""MODEL_DIR on disk: model.safetensors (weights of every ensemble member) + config.json; loading and scoring.
+
+Loading reads tensors with safetensors and JSON only: nothing is ever unpickled. A model refuses
+feature tables made by featurizer versions other than the ones it was trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.data import (FeatureTable, ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch,
+                        MIN_AGE_DAYS)
+from model.network import NetworkConfig, PopularityNet
+from pipelines import storage
+from pipelines.contracts import TARGETS
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "popcast-model/1"
+
+
+def build_networks(config: dict) -> list[PopularityNet]:
+    layouts = {k: ModalityLayout.from_json(v) for k, v in config["layouts"].items()}
+    cfg = NetworkConfig(**config["network"])
+    return [PopularityNet(layouts, cfg) for _ in range(config["ensemble_size"])]
+
+
+def model_version(config: dict) -> str:
+    """A short id of the model: hash of its architecture, inputs, data fingerprint and seed."""
+    key = json.dumps({k: config.get(k) for k in ("network", "layouts", "fingerprint", "seed", "ensemble_size")},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def save_model(output_dir: str, networks: list[PopularityNet], config: dict) -> None:
+    """Write model.safetensors and config.json (local path or gs://)."""
+    tensors = {f"member{i}.{name}": t.detach().to("cpu").contiguous()
+               for i, net in enumerate(networks) for name, t in net.state_dict().items()}
+    fs, root = storage.filesystem_and_path(output_dir)
+    fs.create_dir(root, recursive=True)
+    local = storage.scheme_of(output_dir) == ""
+    if local:
+        save_file(tensors, os.path.join(root, WEIGHTS_FILE))
+    else:
+        from safetensors.torch import save
+        with fs.open_output_stream(f"{root}/{WEIGHTS_FILE}") as out:
+            out.write(save(tensors))
+    with fs.open_output_stream(f"{root}/{CONFIG_FILE}") as out:
+        out.write(json.dumps(config, indent=1, sort_keys=True, default=_json_default).encode())
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready to score: ensemble networks, layouts, label normalisation, config."""
+    config: dict
+    networks: list[PopularityNet]
+    layouts: dict[str, ModalityLayout]
+    device: str = "cpu"
+
+    @property
+    def version(self) -> str:
+        return self.config["model_version"]
+
+    @property
+    def featurizers(self) -> dict[str, str]:
+        return {k: v.featurizer for k, v in self.layouts.items()}
+
+    def predict_log(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
+                    log_ages: np.ndarray, drop_modalities: tuple[str, ...] = (),
+                    batch_size: int = 4096) -> np.ndarray:
+        """(N, T, 3) p10/p50/p90 of log1p(count) at the given log1p(age) per row (ensemble mean)."""
+        check_featurizers(self.layouts, feature_tables)
+        video_ids = catalog_rows.column("video_id").to_numpy(zero_copy_only=False).astype(object)
+        center = np.asarray(self.config["target_center"], dtype=np.float32)
+        scale = np.asarray(self.config["target_scale"], dtype=np.float32)
+        out = np.empty((len(video_ids), len(TARGETS), 3), dtype=np.float32)
+        for start in range(0, len(video_ids), batch_size):
+            stop = min(start + batch_size, len(video_ids))
+            batch = make_batch(self.layouts, feature_tables, video_ids[start:stop], log_ages[start:stop]).to(self.device)
+            with torch.inference_mode(), _autocast(self.device):
+                preds = torch.stack([net(batch, drop_modalities) for net in self.networks]).mean(0)
+            out[start:stop] = preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
+        return out
+
+    def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
+                horizon_days: float | np.ndarray | None) -> dict[str, np.ndarray]:
+        """Expected counts at `horizon_days` (None: each row's observed age) with p10/p90 intervals.
+
+        Returns {"pred_views": (N,), "p10_views": ..., "p90_views": ..., ...} as float64 counts.
+        """
+        n = catalog_rows.num_rows
+        if horizon_days is None:
+            ages = catalog_arrays(catalog_rows)["age_days"]
+            if not np.isfinite(ages).all():
+                raise ValueError("horizon_days=None needs observed_at on every row")
+        else:
+            ages = np.broadcast_to(np.maximum(np.asarray(horizon_days, dtype=np.float64), MIN_AGE_DAYS), (n,))
+        q = self.predict_log(catalog_rows, feature_tables, log_age(ages))
+        return quantiles_to_counts(q)
+
+
+def quantiles_to_counts(q: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, T, 3) log1p quantiles → {"p10_t", "pred_t", "p90_t"} non-negative float64 counts."""
+    out = {}
+    for j, target in enumerate(TARGETS):
+        for k, prefix in enumerate(("p10", "pred", "p90")):
+            out[f"{prefix}_{target}"] = np.maximum(np.expm1(q[:, j, k].astype(np.float64)), 0.0)
+    return out
+
+
+class _autocast:
+    """bf16 autocast on CUDA; nothing on CPU (CPU bf16 is slower than float32 for these small layers)."""
+
+    def __init__(self, device: str):
+        self.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def load_model(model_dir: str, device: str = "cpu") -> LoadedModel:
+    """Read MODEL_DIR (safetensors + JSON only) into a LoadedModel in eval mode."""
+    fs, root = storage.filesystem_and_path(model_dir)
+    try:
+        with fs.open_input_stream(f"{root}/{CONFIG_FILE}") as f:
+            config = json.loads(f.read())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{model_dir} is not a popcast model directory (no {CONFIG_FILE})") from exc
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{model_dir}: unsupported model format {config.get('format')!r} (expected {FORMAT})")
+    if storage.scheme_of(model_dir) == "":
+        tensors = load_file(os.path.join(root, WEIGHTS_FILE))
+    else:
+        from safetensors.torch import load
+        with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
+            tensors = load(f.read())
+    networks = build_networks(config)
+    for i, net in enumerate(networks):
+        prefix = f"member{i}."
+        net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        net.to(device).eval()
+    layouts = {k: ModalityLayout.from_json(v) for k, v in config["layouts"].items()}
+    return LoadedModel(config=config, networks=networks, layouts=layouts, device=device)
+
+
+def network_config_json(cfg: NetworkConfig) -> dict:
+    return asdict(cfg)

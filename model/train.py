@@ -1,0 +1,317 @@
+"""Training: catalog labels + stored features → an ensemble of fusion networks, its test predictions,
+and metrics beside the baselines fitted on the same time-ordered split.
+
+Entry point: `train(catalog, features_dir, output_dir, ...)`; deterministic per seed on a given machine.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from model import baselines
+from model.artifact import (FORMAT, LoadedModel, _autocast, build_networks, load_model, model_version,
+                            quantiles_to_counts, save_model)
+from model.data import (Batch, FeatureTable, ModalityLayout, ModelDataError, catalog_arrays, check_featurizers,
+                        fit_layout, join_rows, log_age, make_batch, read_features, time_split,
+                        training_fingerprint)
+from model.metrics import all_target_metrics, mean_mae
+from model.network import NetworkConfig, PopularityNet, pinball_loss
+from pipelines import storage
+from pipelines.contracts import TARGETS
+
+log = logging.getLogger("popcast.train")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings (JSON-able, stored in config.json)."""
+    epochs: int = 60
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-3
+    warmup_epochs: int = 2
+    patience: int = 10
+    ensemble_size: int = 5
+    validation_fraction: float = 0.15
+    refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
+
+
+def read_catalog_table(path_or_table: str | pa.Table) -> pa.Table:
+    """A catalog as a pyarrow Table: passes tables through; reads paths with pipelines.catalog."""
+    if isinstance(path_or_table, pa.Table):
+        return path_or_table
+    from pipelines.catalog import read_catalog
+    return read_catalog(path_or_table)
+
+
+@contextmanager
+def deterministic(seed: int, threads: int | None):
+    """Seeded, deterministic torch for the duration of a run; restores global settings afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # needed by deterministic CUDA GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def _lr_factor(epoch: int, step: int, steps: int, total_epochs: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% over the planned epochs."""
+    progress = (epoch + step / max(steps, 1))
+    if progress < warmup:
+        return (progress + 1e-3) / warmup
+    t = min(1.0, (progress - warmup) / max(total_epochs - warmup, 1))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _evaluate_loss(net: PopularityNet, batch: Batch, device: str, bs: int = 4096) -> tuple[float, float]:
+    """(pinball loss, MAE of the median) on normalised labels over known labels."""
+    net.eval()
+    total_loss = total_abs = count = 0.0
+    with torch.inference_mode(), _autocast(device):
+        for start in range(0, len(batch), bs):
+            rows = torch.arange(start, min(start + bs, len(batch)))
+            part = batch.index(rows).to(device)
+            pred = net(part).float()
+            known = part.label_mask.sum().item()
+            total_loss += pinball_loss(pred, part.labels, part.label_mask).item() * known
+            err = (pred[..., 1] - part.labels).abs()
+            total_abs += torch.where(part.label_mask, err, torch.zeros_like(err)).sum().item()
+            count += known
+    return total_loss / max(count, 1), total_abs / max(count, 1)
+
+
+def fit_network(net: PopularityNet, train_batch: Batch, val_batch: Batch | None, cfg: TrainingConfig,
+                seed: int, device: str, fixed_epochs: int | None = None, tag: str = "") -> tuple[PopularityNet, list[dict]]:
+    """AdamW + warm-up/cosine schedule; early stopping on validation MAE (restores the best epoch).
+
+    With fixed_epochs, trains exactly that many epochs without validation (the refit on all training rows).
+    """
+    net.to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    epochs = fixed_epochs or cfg.epochs
+    steps = max(1, math.ceil(len(train_batch) / cfg.batch_size))
+    best, best_state, history, bad = float("inf"), None, [], 0
+    for epoch in range(epochs):
+        start_time = time.perf_counter()
+        net.train()
+        order = torch.randperm(len(train_batch), generator=generator)
+        running = 0.0
+        for step in range(steps):
+            rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if len(rows) < 2:
+                continue
+            part = train_batch.index(rows).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * _lr_factor(epoch, step, steps, epochs, cfg.warmup_epochs)
+            with _autocast(device):
+                pred = net(part)
+            loss = pinball_loss(pred.float(), part.labels, part.label_mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            optimizer.step()
+            running += loss.item()
+        record = {"epoch": epoch + 1, "train_loss": running / steps}
+        if val_batch is not None and fixed_epochs is None:
+            record["val_loss"], record["val_mae"] = _evaluate_loss(net, val_batch, device)
+            if record["val_mae"] < best - 1e-5:
+                best, bad = record["val_mae"], 0
+                best_state = copy.deepcopy(net.state_dict())
+                record["best"] = True
+            else:
+                bad += 1
+        history.append(record)
+        log.info("%sepoch %d/%d train_loss %.4f%s (%.1fs)", tag, epoch + 1, epochs, record["train_loss"],
+                 f" val_loss {record['val_loss']:.4f} val_mae {record['val_mae']:.4f}" if "val_mae" in record else "",
+                 time.perf_counter() - start_time)
+        if val_batch is not None and fixed_epochs is None and bad >= cfg.patience:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return net, history
+
+
+def _apply_warm_start(nets: list[PopularityNet], source: LoadedModel, freeze: tuple[str, ...]) -> None:
+    """Copy matching weights from an earlier model (member i → member i, else member 0); freeze branches."""
+    for i, net in enumerate(nets):
+        src = source.networks[min(i, len(source.networks) - 1)].state_dict()
+        own = net.state_dict()
+        own.update({k: v for k, v in src.items() if k in own and own[k].shape == v.shape})
+        net.load_state_dict(own)
+        for name in freeze:
+            if name in net.encoders:
+                for p in net.encoders[name].parameters():
+                    p.requires_grad_(False)
+            elif name in ("trunk", "head"):
+                for module in ((net.trunk, net.film) if name == "trunk" else (net.head, net.age_curve)):
+                    for p in module.parameters():
+                        p.requires_grad_(False)
+            else:
+                raise ValueError(f"cannot freeze {name!r}: branches are {list(net.encoders)} + trunk, head")
+
+
+def train(catalog: str | pa.Table, features_dir: str, output_dir: str, split_quantile: float = 0.8,
+          seed: int = 0, init_from: str | None = None, freeze: tuple[str, ...] | list[str] = (),
+          device: str = "cpu", modalities: tuple[str, ...] | None = None,
+          network: NetworkConfig | None = None, training: TrainingConfig | None = None,
+          threads: int | None = None, baselines_enabled: bool = True, clamp_age: bool = True) -> dict:
+    """Train, evaluate on the time-ordered test split and write MODEL_DIR. Returns metrics.json content."""
+    started = time.perf_counter()
+    training = training or TrainingConfig()
+    table = read_catalog_table(catalog)
+    arrays = catalog_arrays(table)
+    labelled = np.isfinite(arrays["log_labels"]).any(axis=1)
+    split = time_split(arrays["publish_s"], labelled, split_quantile, training.validation_fraction)
+    tables = read_features(features_dir, modalities)
+    if not tables:
+        raise ModelDataError(f"no feature tables under {features_dir}")
+    source = load_model(init_from) if init_from else None
+    if source is not None:
+        layouts = {k: v for k, v in source.layouts.items()}
+        check_featurizers(layouts, tables)
+        network = NetworkConfig(**source.config["network"])
+    else:
+        layouts = {}
+        for name, ft in tables.items():
+            rows = join_rows(arrays["video_id"][split.train], ft)
+            layouts[name] = fit_layout(ft, rows[rows >= 0])
+    network = network or NetworkConfig()
+    network.n_targets = len(TARGETS)
+    if source is None and clamp_age:
+        fit_rows = np.concatenate([split.train, split.validation])
+        network.log_age_min = float(np.min(log_age(arrays["age_days"][fit_rows])))
+        network.log_age_max = float(np.max(log_age(arrays["age_days"][fit_rows])))
+    y = arrays["log_labels"]
+    center = np.nan_to_num(np.nanmedian(y[split.train], axis=0), nan=0.0)
+    scale = np.nan_to_num(np.nanstd(y[split.train], axis=0), nan=1.0)
+    scale = np.where(scale > 1e-6, scale, 1.0)
+    log_ages = log_age(arrays["age_days"])
+
+    def batch_for(rows: np.ndarray) -> Batch:
+        normalised = (y[rows] - center) / scale
+        return make_batch(layouts, tables, arrays["video_id"][rows], log_ages[rows], normalised)
+
+    train_b, val_b, test_b = batch_for(split.train), batch_for(split.validation), batch_for(split.test)
+    full_rows = np.sort(np.concatenate([split.train, split.validation]))
+    config = {
+        "format": FORMAT, "network": asdict(network), "training": asdict(training),
+        "layouts": {k: v.to_json() for k, v in layouts.items()},
+        "featurizers": {k: v.featurizer for k, v in layouts.items()},
+        "targets": list(TARGETS), "target_center": center.tolist(), "target_scale": scale.tolist(),
+        "quantiles": [0.1, 0.5, 0.9], "ensemble_size": training.ensemble_size, "seed": seed,
+        "split": {"quantile": split_quantile, **split.to_json()},
+        "fingerprint": training_fingerprint(arrays, full_rows, [v.featurizer for v in layouts.values()]),
+        "init_from": init_from, "freeze": list(freeze), "device": device,
+    }
+    networks, histories = [], []
+    with deterministic(seed, threads):
+        for member in range(training.ensemble_size):
+            member_seed = seed * 1000 + member
+            torch.manual_seed(member_seed)
+            net = build_networks({**config, "ensemble_size": 1})[0]
+            if source is not None:
+                _apply_warm_start([net], source, tuple(freeze))
+                net.networks_warm = True
+            net, history = fit_network(net, train_b, val_b, training, member_seed, device, tag=f"[m{member}] ")
+            best_epoch = max([h["epoch"] for h in history if h.get("best")] or [len(history)])
+            if training.refit_full_train:
+                # The latest videos are the most informative for the future: retrain on train+validation for
+                # the early-stopped number of epochs (the validation set was only needed to pick that number).
+                torch.manual_seed(member_seed)
+                refit = build_networks({**config, "ensemble_size": 1})[0]
+                if source is not None:
+                    _apply_warm_start([refit], source, tuple(freeze))
+                net, refit_history = fit_network(refit, batch_for(full_rows), None, training, member_seed + 1,
+                                                 device, fixed_epochs=best_epoch, tag=f"[m{member} refit] ")
+                history = {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}
+            else:
+                history = {"early_stopping": history, "best_epoch": best_epoch}
+            networks.append(net.to("cpu").eval())
+            histories.append(history)
+    config["model_version"] = model_version(config)
+    config["history"] = histories
+    model = LoadedModel(config=config, networks=networks, layouts=layouts, device="cpu")
+
+    test_ids = arrays["video_id"][split.test]
+    test_rows_table = table.take(pa.array(split.test))
+    q = model.predict_log(test_rows_table, tables, log_ages[split.test])
+    truth = y[split.test]
+    metrics = {"model": all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])}
+    if baselines_enabled:
+        metrics.update(fit_baselines(arrays, split, layouts, tables, log_ages, seed))
+    counts = quantiles_to_counts(q)
+    columns = {"video_id": pa.array(test_ids.astype(str), pa.string()),
+               "observed_age_days": pa.array(arrays["age_days"][split.test])}
+    for target in TARGETS:
+        for prefix in ("pred", "p10", "p90"):
+            columns[f"{prefix}_{target}"] = pa.array(counts[f"{prefix}_{target}"])
+    config["metrics"] = {"test": metrics, "train_seconds": round(time.perf_counter() - started, 1)}
+    save_model(output_dir, networks, config)
+    fs, root = storage.filesystem_and_path(output_dir)
+    with fs.open_output_stream(f"{root}/test_predictions.parquet") as out:
+        pq.write_table(pa.table(columns), out)
+    result = {"model_version": config["model_version"], "split": config["split"], "seed": seed,
+              "featurizers": config["featurizers"], "test": metrics,
+              "train_seconds": config["metrics"]["train_seconds"], "history": histories}
+    storage.write_bytes(storage.join(output_dir, "metrics.json"),
+                        _dumps(result).encode())
+    log.info("trained %s in %.0fs: mean MAE(log1p) model %.3f%s", config["model_version"],
+             time.perf_counter() - started, mean_mae(metrics["model"]),
+             "".join(f", {k} {mean_mae(v):.3f}" for k, v in metrics.items() if k != "model" and isinstance(v, dict)
+                     and "views" in v))
+    return result
+
+
+def _dumps(obj) -> str:
+    import json
+    from model.artifact import _json_default
+    return json.dumps(obj, indent=1, default=_json_default)
+
+
+def fit_baselines(arrays: dict, split, layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTable],
+                  log_ages: np.ndarray, seed: int) -> dict:
+    """Global median, creator-history mean and LightGBM on the tabular features, same split."""
+    y = arrays["log_labels"]
+    truth = y[split.test]
+    train_all = np.sort(np.concatenate([split.train, split.validation]))
+    out = {}
+    med = baselines.global_median(y[train_all], len(split.test))
+    out["global_median"] = all_target_metrics(truth, med["pred"], med["p10"], med["p90"])
+    labelled = np.flatnonzero(np.isfinite(y).any(axis=1))
+    hist = baselines.creator_history_mean(arrays["author_id"], arrays["publish_s"], y, labelled, split.test,
+                                          med["pred"][0])
+    out["creator_history_mean"] = all_target_metrics(truth, hist)
+    out["creator_history_mean"]["note"] = ("mean log1p label of the creator's labelled videos published strictly "
+                                           "earlier (train or test); training median when none")
+    raw = lambda rows: make_batch(layouts, tables, arrays["video_id"][rows], log_ages[rows])  # noqa: E731
+    tr_x, names, cats = baselines.tabular_matrix(raw(split.train), layouts)
+    va_x, _, _ = baselines.tabular_matrix(raw(split.validation), layouts)
+    te_x, _, _ = baselines.tabular_matrix(raw(split.test), layouts)
+    for label, objective in (("lightgbm", "regression"), ("lightgbm_l1", "regression_l1")):
+        pred = baselines.lightgbm_predictions(tr_x, y[split.train], va_x, y[split.validation], te_x, cats, seed,
+                                              objective)
+        if pred is None:
+            out["lightgbm"] = {"skipped": "lightgbm is not installed (pip install lightgbm, in the dev extra)"}
+            break
+        out[label] = all_target_metrics(truth, pred)
+        out[label]["features"] = names
+    return out

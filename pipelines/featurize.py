@@ -1,0 +1,218 @@
+"""Featurize job: catalog → decoded frames/audio + captions + metadata → one Parquet dataset per modality.
+
+    popcast featurize --catalog PATH --output DIR [--modalities visual,audio,text,meta] [--frames 16]
+                      [--frame-sampling keyframe|exact] [--force] [--profile direct|local|...] [Beam options]
+
+Each run writes under DIR/_staging/<run_id>/ and publishes into DIR/<modality>/ and DIR/_errors/ only
+after the pipeline succeeded; a re-run skips video_ids already featurized by the same featurizer version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import publish, storage
+from pipelines.catalog import CatalogError, read_catalog
+from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
+
+ALL_MODALITIES = ("visual", "audio", "text", "meta")
+
+
+def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="popcast featurize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--catalog", required=True, help="catalog: Parquet file/dir/glob, CSV or JSONL; local or gs://")
+    parser.add_argument("--output", required=True, help="features directory (local or gs://)")
+    parser.add_argument("--modalities", default=",".join(ALL_MODALITIES),
+                        help="comma-separated subset of visual,audio,text,meta")
+    parser.add_argument("--frames", type=int, default=16, help="frames per video (K)")
+    parser.add_argument("--frame-sampling", choices=("keyframe", "exact"), default="keyframe",
+                        help="keyframe: keyframes nearest K uniform positions (cheap); exact: frame-accurate")
+    parser.add_argument("--frame-size", type=int, default=224, help="square frame size the decoder resizes to")
+    parser.add_argument("--audio-seconds", type=float, default=30.0, help="audio decoded per video (cap)")
+    parser.add_argument("--visual-model", default=None,
+                        help="transformers image model (local dir, hub id or gs:// dir); default: packaged "
+                             "EfficientNet-Lite0")
+    parser.add_argument("--text-model", default=None,
+                        help="transformers sentence model (local dir, hub id or gs:// dir); default: packaged "
+                             "all-MiniLM-L6-v2")
+    parser.add_argument("--no-yamnet", action="store_true", help="skip the YAMNet audio embedding")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--visual-batch-videos", type=int, default=4, help="videos per visual inference batch")
+    parser.add_argument("--text-batch", type=int, default=64, help="captions per text inference batch")
+    parser.add_argument("--max-bytes", type=int, default=512 * 2**20, help="reject larger video files")
+    parser.add_argument("--max-duration", type=float, default=600.0, help="reject longer videos (seconds)")
+    parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="reject larger frames (w*h)")
+    parser.add_argument("--max-decode-seconds", type=float, default=120.0, help="per-video decode time budget")
+    parser.add_argument("--force", action="store_true", help="redo video_ids already featurized")
+    parser.add_argument("--profile", default=None, help="runner profile: direct, local, portable, spark, flink, "
+                                                        "dataflow (Beam flags given explicitly win)")
+    parser.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
+    return parser.parse_known_args(argv)
+
+
+@dataclass
+class FeaturizeSummary:
+    run_id: str
+    rows_in: int
+    skipped_already_featurized: int
+    rows_featurized: int
+    ok: dict[str, int]
+    errors_by_reason: dict[str, int]
+    rows_unaccounted: int
+    seconds: float
+    videos_decoded: int
+    videos_per_s: float
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        ok = ", ".join(f"{m} {n}" for m, n in self.ok.items())
+        errors = ", ".join(f"{r} {n}" for r, n in sorted(self.errors_by_reason.items())) or "none"
+        return [f"featurize run {self.run_id}: {self.rows_in} rows in, {self.skipped_already_featurized} already "
+                f"featurized, {self.rows_featurized} featurized in {self.seconds:.1f} s "
+                f"({self.videos_per_s:.2f} videos/s)",
+                f"  ok per modality: {ok}",
+                f"  errors by reason: {errors}",
+                f"  rows unaccounted for: {self.rows_unaccounted}"]
+
+
+def make_config(args: argparse.Namespace, run_id: str):
+    from pipelines.transforms import FeaturizeConfig
+    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    unknown = set(modalities) - set(ALL_MODALITIES)
+    if unknown:
+        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {','.join(ALL_MODALITIES)}")
+    device = args.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return FeaturizeConfig(
+        modalities=modalities, frames=args.frames, frame_sampling=args.frame_sampling,
+        frame_size=args.frame_size, audio_seconds=args.audio_seconds, visual_model=args.visual_model,
+        text_model=args.text_model, device=device, visual_batch_videos=args.visual_batch_videos,
+        text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
+        max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
+        yamnet=not args.no_yamnet)
+
+
+MEDIA_MODALITIES = ("visual", "audio")
+
+
+def rows_needing_work(catalog: pa.Table, done: dict[str, set[str]], modalities: list[str]) -> pa.Table:
+    """The catalog rows that still lack some modality they can have (visual/audio need media), with a
+    `_needs` list column naming which."""
+    ids = catalog.column("video_id").to_pylist()
+    has_media = pc.is_valid(catalog.column("video_uri")).to_pylist()
+    needs = [[m for m in modalities if vid not in done.get(m, ()) and (media or m not in MEDIA_MODALITIES)]
+             for vid, media in zip(ids, has_media)]
+    table = catalog.append_column("_needs", pa.array(needs, pa.list_(pa.string())))
+    return table.filter(pc.greater(pc.list_value_length(table.column("_needs")), 0))
+
+
+def build_pipeline(pipeline, input_path: str, staging: str, config, specs: dict[str, FeatureSpec],
+                   expected_rows: int):
+    """The Beam graph: read rows → FeaturizeRows → one Parquet dataset per modality + dead letters."""
+    import apache_beam as beam
+    from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
+
+    from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables
+
+    rows = pipeline | "ReadCatalogRows" >> ReadFromParquet(input_path)
+    features = rows | "Featurize" >> FeaturizeRows(config, specs, expected_rows)
+    for modality, spec in specs.items():
+        (features[modality]
+         | f"{modality}ToArrow" >> ToArrowTables(spec.schema())
+         | f"Write{modality}" >> WriteToParquetBatched(
+             storage.join(staging, modality, f"part-{config.run_id}"), spec.schema(),
+             file_name_suffix=".parquet"))
+    (features[ERRORS_TAG]
+     | "ErrorsToArrow" >> ToArrowTables(ERRORS_SCHEMA)
+     | "WriteErrors" >> WriteToParquetBatched(storage.join(staging, "_errors", f"part-{config.run_id}"),
+                                              ERRORS_SCHEMA, file_name_suffix=".parquet"))
+
+
+def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
+    """Run the featurize job; returns its summary. `test_pipeline` replaces the Beam pipeline in tests."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.transforms import feature_specs
+    from runners.profiles import expand
+
+    args, beam_args = parse_known_args(argv)
+    run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    config = make_config(args, run_id)
+    specs = feature_specs(config)
+    catalog = read_catalog(args.catalog)
+    done = {} if args.force else publish.featurized_ids(args.output, specs)
+    todo = rows_needing_work(catalog, done, list(specs))
+    staging = storage.join(args.output, "_staging", run_id)
+    input_path = storage.join(staging, "_input", "rows.parquet")
+    publish.write_table(todo, input_path)
+    logging.info("featurize %s: %d rows in, %d need work", run_id, catalog.num_rows, todo.num_rows)
+
+    start = time.time()
+    counters: dict[str, int] = {}
+    if todo.num_rows:
+        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(expand(args.profile, beam_args)))
+        build_pipeline(pipeline, input_path, staging, config, specs, todo.num_rows)
+        result = pipeline.run()
+        result.wait_until_finish()
+        counters = _counters(result)
+    seconds = time.time() - start
+
+    published = publish.publish_features(staging, args.output, list(specs), run_id, replace=args.force)
+    errors = published.pop("_errors", ERRORS_SCHEMA.empty_table())
+    featured_ids = set().union(*[set(t.column("video_id").to_pylist()) for t in published.values()]) \
+        if published else set()
+    error_ids = set(errors.column("video_id").to_pylist()) if errors.num_rows else set()
+    todo_ids = set(todo.column("video_id").to_pylist())
+    decoded = counters.get("videos_decoded", 0)
+    summary = FeaturizeSummary(
+        run_id=run_id, rows_in=catalog.num_rows, skipped_already_featurized=catalog.num_rows - todo.num_rows,
+        rows_featurized=todo.num_rows, ok={m: t.num_rows for m, t in published.items()},
+        errors_by_reason=dict(Counter(f"{s}:{c}" for s, c in zip(errors.column("stage").to_pylist(),
+                                                                  errors.column("error_class").to_pylist()))),
+        rows_unaccounted=len(todo_ids - featured_ids - error_ids), seconds=seconds,
+        videos_decoded=decoded, videos_per_s=decoded / seconds if seconds > 0 else 0.0, counters=counters)
+    publish.write_run_summary(args.output, run_id, asdict(summary))
+    publish.remove_staging(staging)
+    for line in summary.lines():
+        print(line)
+    return summary
+
+
+def _counters(result) -> dict[str, int]:
+    try:
+        metrics = result.metrics().query()
+    except Exception:  # some runners cannot report metrics
+        return {}
+    totals: dict[str, int] = {}
+    for counter in metrics.get("counters", []):
+        if counter.key.metric.namespace.startswith("popcast"):
+            name = counter.key.metric.name
+            totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
+    return totals
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        summary = run(argv)
+    except CatalogError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    return 0 if summary.rows_unaccounted == 0 else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

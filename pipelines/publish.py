@@ -1,0 +1,213 @@
+"""Staging and publishing of job outputs, Beam-free: a run writes under its own prefix and only a finished
+run moves its files into the published datasets, so a crashed run publishes nothing and no id appears twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    fs, path = storage.filesystem_and_path(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def parquet_files(uri: str) -> list[str]:
+    """Published Parquet files under a directory (paths inside its filesystem), skipping _ and . names."""
+    fs, root = storage.filesystem_and_path(uri)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                  and not i.base_name.startswith(("_", ".")))
+
+
+def read_columns(uri: str, columns: list[str]) -> pa.Table | None:
+    files = parquet_files(uri)
+    if not files:
+        return None
+    fs, _ = storage.filesystem_and_path(uri)
+    return ds.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def featurized_ids(features_dir: str, specs: dict[str, FeatureSpec | str]) -> dict[str, set[str]]:
+    """Per modality, the video_ids already published by the same featurizer version (a spec or name@version)."""
+    done = {}
+    for modality, spec in specs.items():
+        featurizer = spec if isinstance(spec, str) else spec.featurizer_id
+        table = read_columns(storage.join(features_dir, modality), ["video_id", "featurizer"])
+        if table is None:
+            done[modality] = set()
+            continue
+        same = table.filter(pc.equal(table.column("featurizer"), featurizer))
+        done[modality] = set(same.column("video_id").to_pylist())
+    return done
+
+
+def _move(fs: pafs.FileSystem, source: str, target: str) -> None:
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(source, target)  # atomic rename on one local filesystem
+    else:  # object stores: copy then delete; readers list only *.parquet, so a copy is whole or absent
+        fs.copy_file(source, target)
+        fs.delete_file(source)
+
+
+def publish_features(staging: str, output: str, modalities: list[str], run_id: str,
+                     replace: bool = False) -> dict[str, pa.Table]:
+    """Move a finished run's staged files into OUTPUT/<modality>/ and OUTPUT/_errors/.
+
+    Without `replace`, staged rows whose video_id got published meanwhile (by a concurrent run) are
+    dropped; with `replace` (--force), published rows for the staged ids are removed first. Returns,
+    per modality, the published rows' video_ids (and the dead letters under "_errors").
+    """
+    fs, _ = storage.filesystem_and_path(output)
+    published: dict[str, pa.Table] = {}
+    for modality in [*modalities, "_errors"]:
+        staged_files = parquet_files(storage.join(staging, modality))
+        dest = storage.join(output, modality)
+        _, dest_path = storage.filesystem_and_path(dest)
+        fs.create_dir(dest_path, recursive=True)
+        if not staged_files:
+            published[modality] = pa.table({"video_id": pa.array([], pa.string())}) \
+                if modality != "_errors" else ERRORS_SCHEMA.empty_table()
+            continue
+        staged = ds.dataset(staged_files, filesystem=fs, format="parquet")
+        staged_ids = staged.to_table(columns=["video_id"]).column("video_id")
+        if modality == "_errors":
+            published[modality] = staged.to_table()
+        else:
+            existing_files = parquet_files(dest)
+            if existing_files:
+                existing = ds.dataset(existing_files, filesystem=fs, format="parquet")
+                if replace:
+                    _drop_ids(fs, existing_files, staged_ids)
+                else:
+                    clash = pc.is_in(staged_ids, existing.to_table(columns=["video_id"]).column("video_id"))
+                    if pc.any(clash).as_py():
+                        logging.warning("%s: %d staged rows were published meanwhile; keeping the published ones",
+                                        modality, pc.sum(clash).as_py())
+                        kept = staged.to_table().filter(pc.invert(clash))
+                        for f in staged_files:
+                            fs.delete_file(f)
+                        staged_files = [f"{staged_files[0].rsplit('/', 1)[0]}/dedup-{run_id}.parquet"]
+                        pq.write_table(kept, staged_files[0], filesystem=fs)
+                        staged_ids = kept.column("video_id")
+            published[modality] = pa.table({"video_id": staged_ids})
+        for i, source in enumerate(staged_files):
+            if pq.ParquetFile(source, filesystem=fs).metadata.num_rows == 0:
+                continue  # Beam writes an empty shard when a modality had no rows
+            _move(fs, source, f"{dest_path}/{run_id}-{i:05d}.parquet")
+    return published
+
+
+def _drop_ids(fs: pafs.FileSystem, files: list[str], ids: pa.ChunkedArray | pa.Array) -> None:
+    """Rewrite published files without the given ids (the old file is replaced, never left beside)."""
+    for path in files:
+        table = pq.read_table(path, filesystem=fs)
+        keep = pc.invert(pc.is_in(table.column("video_id"), ids))
+        if pc.all(keep).as_py():
+            continue
+        kept = table.filter(keep)
+        tmp = f"{path.rsplit('/', 1)[0]}/_rewrite-{path.rsplit('/', 1)[1]}"
+        pq.write_table(kept, tmp, filesystem=fs)
+        if kept.num_rows:
+            _move(fs, tmp, path)
+        else:
+            fs.delete_file(tmp)
+            fs.delete_file(path)
+
+
+def write_run_summary(output: str, run_id: str, summary: dict) -> None:
+    storage.write_bytes(storage.join(output, "_runs", f"{run_id}.json"),
+                        json.dumps(summary, indent=2, default=str).encode())
+
+
+def remove_staging(staging: str) -> None:
+    fs, path = storage.filesystem_and_path(staging)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def _partition_dir(output: str, day) -> str:
+    return storage.join(output, f"dt={day}")
+
+
+def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, schema: pa.Schema) -> dict:
+    """Replace TABLE/dt=D/ for every date this run owns with the run's rows of that date.
+
+    Each partition is written complete under TABLE/_staging first and then swapped in by renames, so a
+    reader sees the old partition or the new one, never a half-written one or both (on object stores,
+    which have no rename, files are copied and the old ones deleted: see README).
+    """
+    fs, _ = storage.filesystem_and_path(output)
+    files = parquet_files(staged_dir)
+    staged = (ds.dataset(files, filesystem=fs, format="parquet", schema=schema).to_table()
+              if files else schema.empty_table())
+    published_day = pc.cast(staged.column("publish_time"), pa.date32())
+    counts = {}
+    for day in dates:
+        rows = staged.filter(pc.equal(published_day, pa.scalar(day, pa.date32())))
+        rows = rows.sort_by("video_id")  # a deterministic file for identical inputs
+        ready_uri = storage.join(output, "_staging", run_id, "partitions", f"dt={day}")
+        _, ready = storage.filesystem_and_path(ready_uri)
+        fs.create_dir(ready, recursive=True)
+        pq.write_table(rows, f"{ready}/part-{run_id}.parquet", filesystem=fs)
+        _swap_directory(fs, ready, storage.filesystem_and_path(_partition_dir(output, day))[1], run_id)
+        counts[day] = rows.num_rows
+    return counts
+
+
+def _swap_directory(fs: pafs.FileSystem, ready: str, target: str, run_id: str) -> None:
+    exists = fs.get_file_info(target).type == pafs.FileType.Directory
+    if isinstance(fs, pafs.LocalFileSystem):
+        import os
+        import shutil
+        if exists:
+            retired = f"{target.rsplit('/', 1)[0]}/_retired-{run_id}-{target.rsplit('/', 1)[1]}"
+            os.rename(target, retired)
+            os.rename(ready, target)
+            shutil.rmtree(retired)
+        else:
+            os.rename(ready, target)
+        return
+    old = [i.path for i in fs.get_file_info(pafs.FileSelector(target))] if exists else []
+    fs.create_dir(target, recursive=True)
+    for info in fs.get_file_info(pafs.FileSelector(ready)):
+        fs.copy_file(info.path, f"{target}/{info.base_name}")
+    for path in old:
+        if not path.endswith(f"-{run_id}.parquet"):
+            fs.delete_file(path)
+    fs.delete_dir(ready)
+
+
+def partition_ids(output: str, dates: list, run_id: str) -> list[str]:
+    ids: list[str] = []
+    for day in dates:
+        table = read_columns(_partition_dir(output, day), ["video_id"])
+        if table is not None:
+            ids += table.column("video_id").to_pylist()
+    return ids
+
+
+def publish_errors(staging: str, output: str, run_id: str) -> pa.Table:
+    """Move the run's dead letters into OUTPUT/_errors/ and return them."""
+    fs, _ = storage.filesystem_and_path(output)
+    files = parquet_files(storage.join(staging, "_errors"))
+    if not files:
+        return ERRORS_SCHEMA.empty_table()
+    errors = ds.dataset(files, filesystem=fs, format="parquet").to_table()
+    if errors.num_rows:
+        write_table(errors, storage.join(output, "_errors", f"{run_id}.parquet"))
+    return errors

@@ -1,0 +1,267 @@
+"""Score job: the catalog table comes back with popularity predictions attached, one partition per date.
+
+    popcast score --catalog PATH --features DIR --model MODEL_DIR --output TABLE
+                  [--date YYYY-MM-DD | --start YYYY-MM-DD --end YYYY-MM-DD] [--horizon-days 7] [Beam options]
+
+Rows are joined with stored features in shards of Arrow tables (a CoGroupByKey on a hash of video_id);
+rows lacking features for the model's featurizer versions are featurized on the fly with the featurize
+transforms. Each date's partition TABLE/dt=YYYY-MM-DD/ is replaced whole on re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Iterable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import publish, storage
+from pipelines.catalog import CatalogError, read_catalog
+from pipelines.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS
+
+SHARD_SEED = 20261128
+
+
+def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="popcast score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--catalog", required=True, help="catalog to score (Parquet/CSV/JSONL, local or gs://)")
+    parser.add_argument("--features", required=True, help="features directory written by `popcast featurize`")
+    parser.add_argument("--model", required=True, help="model directory written by `popcast train`")
+    parser.add_argument("--output", required=True, help="scored table root (local or gs://): TABLE/dt=YYYY-MM-DD/")
+    parser.add_argument("--date", default=None, help="score rows published on this UTC date")
+    parser.add_argument("--start", default=None, help="first date of a backfill (inclusive)")
+    parser.add_argument("--end", default=None, help="last date of a backfill (inclusive)")
+    parser.add_argument("--horizon-days", type=float, default=7.0, help="age at which counts are predicted")
+    parser.add_argument("--shards", type=int, default=0, help="join shards (default: about 20k rows each)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--iceberg", default=None,
+                        help="also overwrite partitions of an Iceberg table: CATALOG_URI#namespace.table "
+                             "(e.g. sqlite:////tmp/cat.db#popcast.scored)")
+    parser.add_argument("--profile", default=None, help="runner profile (direct, local, portable, spark, ...)")
+    parser.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
+    return parser.parse_known_args(argv)
+
+
+def selected_dates(args: argparse.Namespace, catalog: pa.Table) -> list[date]:
+    """The dates whose partitions this run owns: --date, --start..--end, or every date in the catalog."""
+    if args.date and (args.start or args.end):
+        raise ValueError("give --date or --start/--end, not both")
+    if args.date:
+        return [date.fromisoformat(args.date)]
+    if args.start or args.end:
+        if not (args.start and args.end):
+            raise ValueError("a backfill needs both --start and --end")
+        first, last = date.fromisoformat(args.start), date.fromisoformat(args.end)
+        if last < first:
+            raise ValueError(f"--end {last} is before --start {first}")
+        return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    days = pc.unique(pc.cast(catalog.column("publish_time"), pa.date32())).to_pylist()
+    return sorted(d for d in days if d is not None)
+
+
+def rows_of_dates(catalog: pa.Table, dates: list[date]) -> pa.Table:
+    published = pc.cast(catalog.column("publish_time"), pa.date32())
+    return catalog.filter(pc.is_in(published, pa.array(dates, pa.date32())))
+
+
+def shard_of(video_ids: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarray:
+    """Stable shard per video_id (same on both sides of the join, in every worker)."""
+    series = pl.Series(pa.array(video_ids) if not isinstance(video_ids, pa.ChunkedArray) else video_ids)
+    return (series.cast(pl.String).hash(seed=SHARD_SEED) % shards).to_numpy().astype(np.int64)
+
+
+def split_into_shards(table: pa.Table, shards: int, side: str) -> Iterable[tuple[int, tuple[str, pa.Table]]]:
+    if table.num_rows == 0:
+        return
+    keys = shard_of(table.column("video_id"), shards)
+    order = np.argsort(keys, kind="stable")
+    keys_sorted = keys[order]
+    bounds = np.flatnonzero(np.diff(keys_sorted)) + 1
+    for chunk in np.split(order, bounds):
+        yield int(keys[chunk[0]]), (side, table.take(pa.array(chunk)))
+
+
+@dataclass
+class ScoreSummary:
+    run_id: str
+    rows_in: int
+    rows_scored: int
+    rows_featurized_on_the_fly: int
+    partitions: dict[str, int]
+    errors_by_reason: dict[str, int]
+    rows_unaccounted: int
+    seconds: float
+    rows_per_s: float
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        parts = ", ".join(f"dt={d}: {n}" for d, n in sorted(self.partitions.items()))
+        errors = ", ".join(f"{r} {n}" for r, n in sorted(self.errors_by_reason.items())) or "none"
+        return [f"score run {self.run_id}: {self.rows_in} rows in, {self.rows_scored} scored "
+                f"({self.rows_featurized_on_the_fly} featurized on the fly) in {self.seconds:.1f} s "
+                f"({self.rows_per_s:,.0f} rows/s)",
+                f"  partitions: {parts or 'none'}",
+                f"  errors by reason: {errors}",
+                f"  rows unaccounted for: {self.rows_unaccounted}"]
+
+
+def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str, model_dir: str,
+                   model_featurizers: dict[str, str], featurize_config, specs: dict, horizon_days: float,
+                   shards: int, run_id: str, scored_schema: pa.Schema, needs_featurizing: bool, device: str):
+    """The Beam graph: rows + stored features (+ on-the-fly features) → sharded join → model → Parquet."""
+    import apache_beam as beam
+    from apache_beam.io.parquetio import ReadFromParquet, ReadFromParquetBatched, WriteToParquetBatched
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+    from pipelines.score_transforms import (JoinedShard, ScoreHandler, ValidateShard, keep_featurizer,
+                                            shard_tables)
+    from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables
+
+    catalog = (pipeline
+               | "ReadCatalogRows" >> ReadFromParquetBatched(input_path)
+               | "DropNeeds" >> beam.Map(lambda t: t.drop_columns(["_needs"]))
+               | "ShardCatalog" >> beam.FlatMap(shard_tables, shards, "catalog"))
+    sides = [catalog]
+    errors = []
+    for modality, featurizer in model_featurizers.items():
+        stored_files = publish.parquet_files(storage.join(features_dir, modality))
+        if stored_files:
+            pattern = storage.join(features_dir, modality, "*.parquet")
+            sides.append(pipeline
+                         | f"ReadStored{modality}" >> ReadFromParquetBatched(pattern)
+                         | f"Keep{modality}Version" >> beam.Map(keep_featurizer, featurizer)
+                         | f"Shard{modality}" >> beam.FlatMap(shard_tables, shards, modality))
+    if needs_featurizing:
+        rows = (pipeline
+                | "ReadRowsToFeaturize" >> ReadFromParquet(input_path)
+                | "NeedsFeatures" >> beam.Filter(lambda r: len(r["_needs"]) > 0))
+        fresh = rows | "FeaturizeOnTheFly" >> FeaturizeRows(featurize_config, specs)
+        errors.append(fresh[ERRORS_TAG])
+        for modality, spec in specs.items():
+            sides.append(fresh[modality]
+                         | f"Fresh{modality}ToArrow" >> ToArrowTables(spec.schema())
+                         | f"ShardFresh{modality}" >> beam.FlatMap(shard_tables, shards, modality))
+    joined = (sides
+              | "AllSides" >> beam.Flatten()
+              | "JoinByShard" >> beam.GroupByKey()
+              | "Assemble" >> beam.Map(JoinedShard.assemble)
+              | "Validate" >> beam.ParDo(ValidateShard(run_id)).with_outputs(ERRORS_TAG, main="valid"))
+    errors.append(joined[ERRORS_TAG])
+    handler = KeyedModelHandler(ScoreHandler(model_dir, horizon_days, run_id, scored_schema, device))
+    scored, failed = joined.valid | "Predict" >> RunInference(handler).with_exception_handling()
+    errors.append(failed.failed_inferences | "PredictFailures" >> beam.FlatMap(_failed_shards, run_id))
+    (scored
+     | "Predictions" >> beam.Map(lambda kv: kv[1].inference)
+     | "WriteScored" >> WriteToParquetBatched(storage.join(staging, "scored", f"part-{run_id}"), scored_schema,
+                                              file_name_suffix=".parquet"))
+    (errors
+     | "AllErrors" >> beam.Flatten()
+     | "ErrorsToArrow" >> ToArrowTables(ERRORS_SCHEMA)
+     | "WriteErrors" >> WriteToParquetBatched(storage.join(staging, "_errors", f"part-{run_id}"),
+                                              ERRORS_SCHEMA, file_name_suffix=".parquet"))
+
+
+def _failed_shards(failed, run_id: str):
+    from pipelines.transforms import error_row
+    batch, exception = failed
+    for _shard, joined in batch:
+        for video_id in joined.catalog.column("video_id").to_pylist():
+            yield error_row(video_id, "score", type(exception).__name__, str(exception), run_id)
+
+
+def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from model.artifact import load_model
+    from pipelines.featurize import rows_needing_work
+    from pipelines.score_transforms import on_the_fly_config
+    from runners.profiles import expand
+
+    args, beam_args = parse_known_args(argv)
+    run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    device = args.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    catalog = read_catalog(args.catalog)
+    dates = selected_dates(args, catalog)
+    todo = rows_of_dates(catalog, dates)
+    model = load_model(args.model)
+    model_featurizers = model.featurizers
+    config, specs = on_the_fly_config(model, run_id, device)
+    done = publish.featurized_ids(args.features, model_featurizers)
+    mismatched = {m: (s.featurizer_id, model_featurizers[m]) for m, s in specs.items()
+                  if s.featurizer_id != model_featurizers.get(m)}
+    lacking = rows_needing_work(todo, done, list(specs))
+    needs = dict(zip(lacking.column("video_id").to_pylist(), lacking.column("_needs").to_pylist()))
+    needs_list = [needs.get(vid, []) for vid in todo.column("video_id").to_pylist()]
+    todo_with_needs = todo.append_column("_needs", pa.array(needs_list, pa.list_(pa.string())))
+    on_the_fly = sum(1 for n in needs_list if n)
+    if on_the_fly and mismatched:
+        raise ValueError(f"{on_the_fly} rows lack stored features and on-the-fly featurization would use "
+                         f"other featurizer versions than the model's ({mismatched}); run `popcast featurize` "
+                         "with the model's featurizer settings first")
+
+    staging = storage.join(args.output, "_staging", run_id)
+    input_path = storage.join(staging, "_input", "rows.parquet")
+    publish.write_table(todo_with_needs, input_path)
+    scored_schema = pa.schema(list(todo.schema) + [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS])
+    shards = args.shards or max(1, todo.num_rows // 20_000 + 1)
+
+    start = time.time()
+    counters: dict[str, int] = {}
+    if todo.num_rows:
+        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(expand(args.profile, beam_args)))
+        build_pipeline(pipeline, input_path=input_path, features_dir=args.features, staging=staging,
+                       model_dir=args.model, model_featurizers=model_featurizers, featurize_config=config,
+                       specs=specs, horizon_days=args.horizon_days, shards=shards, run_id=run_id,
+                       scored_schema=scored_schema, needs_featurizing=on_the_fly > 0, device=device)
+        result = pipeline.run()
+        result.wait_until_finish()
+        from pipelines.featurize import _counters
+        counters = _counters(result)
+    partitions = publish.publish_partitions(storage.join(staging, "scored"), args.output, dates, run_id,
+                                            scored_schema)
+    errors = publish.publish_errors(staging, args.output, run_id)
+    if args.iceberg:
+        from pipelines.iceberg_sink import overwrite_partitions
+        overwrite_partitions(args.iceberg, args.output, dates)
+    seconds = time.time() - start
+    scored_ids = set(publish.partition_ids(args.output, dates, run_id))
+    error_ids = set(errors.column("video_id").to_pylist())
+    summary = ScoreSummary(
+        run_id=run_id, rows_in=todo.num_rows, rows_scored=sum(partitions.values()),
+        rows_featurized_on_the_fly=on_the_fly, partitions={str(d): n for d, n in partitions.items()},
+        errors_by_reason=dict(Counter(f"{s}:{c}" for s, c in zip(errors.column("stage").to_pylist(),
+                                                                  errors.column("error_class").to_pylist()))),
+        rows_unaccounted=len(set(todo.column("video_id").to_pylist()) - scored_ids - error_ids),
+        seconds=seconds, rows_per_s=todo.num_rows / seconds if seconds > 0 else 0.0, counters=counters)
+    publish.write_run_summary(args.output, run_id, asdict(summary))
+    publish.remove_staging(staging)
+    for line in summary.lines():
+        print(line)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        summary = run(argv)
+    except (CatalogError, ValueError, FileNotFoundError) as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    return 0 if summary.rows_unaccounted == 0 else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Beam pieces of the score job: sharded Arrow joins, per-row validation, and the RunInference handler
+that runs the fusion model on a whole joined shard at once (one model per worker process).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, error_row, feature_specs
+
+CATALOG_SIDE = "catalog"
+
+
+def shard_tables(table: pa.Table, shards: int, side: str) -> Iterable[tuple[int, tuple[str, pa.Table]]]:
+    from pipelines.score import split_into_shards
+    yield from split_into_shards(table, shards, side)
+
+
+def keep_featurizer(table: pa.Table, featurizer: str) -> pa.Table:
+    """Only rows made by the model's featurizer version join (others would be refused by the model)."""
+    return table.filter(pc.equal(table.column("featurizer"), featurizer))
+
+
+@dataclass
+class JoinedShard:
+    """One shard's catalog rows and, per modality, the feature rows that share its video_ids."""
+    catalog: pa.Table
+    features: dict[str, pa.Table] = field(default_factory=dict)
+
+    @staticmethod
+    def assemble(keyed: tuple[int, Iterable[tuple[str, pa.Table]]]) -> tuple[int, "JoinedShard | None"]:
+        shard, parts = keyed
+        by_side: dict[str, list[pa.Table]] = {}
+        for side, table in parts:
+            by_side.setdefault(side, []).append(table)
+        catalogs = by_side.pop(CATALOG_SIDE, [])
+        catalog = pa.concat_tables(catalogs, promote_options="permissive") if catalogs else None
+        features = {m: pa.concat_tables(ts, promote_options="permissive") for m, ts in by_side.items()}
+        return shard, (JoinedShard(catalog, features) if catalog is not None else None)
+
+
+class ValidateShard(beam.DoFn):
+    """Per-row checks before the model: one bad row becomes a dead letter, not a failed batch."""
+
+    def __init__(self, run_id: str):
+        self._run_id = run_id
+
+    def process(self, keyed):
+        shard, joined = keyed
+        if joined is None:  # a shard holding only feature rows of other dates
+            return
+        bad = np.zeros(joined.catalog.num_rows, dtype=bool)
+        reasons: dict[int, str] = {}
+        ids = joined.catalog.column("video_id")
+        for name in ("video_id", "publish_time"):
+            for i in np.flatnonzero(joined.catalog.column(name).is_null().to_numpy(zero_copy_only=False)):
+                bad[i] = True
+                reasons[int(i)] = f"{name} is null"
+        for modality, table in joined.features.items():
+            for column in table.column_names:
+                col = table.column(column)
+                if not pa.types.is_fixed_size_list(col.type) or table.num_rows == 0:
+                    continue
+                flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size) \
+                    if col.null_count == 0 else None
+                if flat is None:
+                    continue
+                infinite = np.isinf(flat).any(axis=1)
+                if infinite.any():
+                    bad_ids = pc.is_in(ids, table.column("video_id").filter(pa.array(infinite)))
+                    for i in np.flatnonzero(bad_ids.to_numpy(zero_copy_only=False)):
+                        bad[i] = True
+                        reasons[int(i)] = f"{modality}.{column} has infinite values"
+        for i in np.flatnonzero(bad):
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(ids[int(i)].as_py(), "validate", "InvalidRow",
+                                                                 reasons[int(i)], self._run_id))
+        if bad.any():
+            joined = JoinedShard(joined.catalog.filter(pa.array(~bad)), joined.features)
+        if joined.catalog.num_rows:
+            yield shard, joined
+
+
+class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
+    """RunInference handler: a JoinedShard in, the shard's rows with predictions attached out."""
+
+    def __init__(self, model_dir: str, horizon_days: float, run_id: str, scored_schema: pa.Schema,
+                 device: str = "cpu"):
+        super().__init__()
+        self._model_dir = model_dir
+        self._horizon_days = horizon_days
+        self._run_id = run_id
+        self._schema = scored_schema
+        self._device = device
+
+    def load_model(self):
+        from model.artifact import load_model
+        return load_model(self._model_dir, device=self._device)
+
+    def run_inference(self, batch: Sequence[JoinedShard], model, inference_args=None):
+        from pipelines.feature_store import feature_table_from_arrow
+        for joined in batch:
+            tables = {}
+            for modality, layout in model.layouts.items():
+                table = joined.features.get(modality)
+                if table is None or table.num_rows == 0:
+                    continue
+                metadata = dict(table.schema.metadata or {})
+                # Sequence shapes come from the model when a reader dropped the schema metadata.
+                if b"popcast.shapes" not in metadata and layout.sequences:
+                    import json
+                    metadata[b"popcast.shapes"] = json.dumps(layout.sequences).encode()
+                metadata.setdefault(b"popcast.featurizer", layout.featurizer.encode())
+                tables[modality] = feature_table_from_arrow(table, modality, metadata)
+            predictions = model.predict(joined.catalog, tables, self._horizon_days)
+            yield PredictionResult(joined, self._attach(joined.catalog, predictions, model))
+
+    def _attach(self, catalog: pa.Table, predictions: dict[str, np.ndarray], model) -> pa.Table:
+        n = catalog.num_rows
+        columns = {name: catalog.column(name) for name in catalog.column_names}
+        for f in self._schema:
+            if f.name in columns:
+                continue
+            if f.name in predictions:
+                columns[f.name] = pa.array(predictions[f.name], f.type)
+        columns["horizon_days"] = pa.array(np.full(n, self._horizon_days), pa.float64())
+        columns["model_version"] = pa.array([model.version] * n, pa.string())
+        columns["featurizer_versions"] = pa.array([",".join(sorted(model.featurizers.values()))] * n, pa.string())
+        columns["scored_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
+        columns["run_id"] = pa.array([self._run_id] * n, pa.string())
+        return pa.Table.from_pydict({f.name: columns[f.name] for f in self._schema}, schema=self._schema)
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": 1, "max_batch_size": 1}  # a shard is already a batch of rows
+
+
+def on_the_fly_config(model, run_id: str, device: str) -> tuple[FeaturizeConfig, dict]:
+    """The featurize config that reproduces the model's featurizers (checked against their versions)."""
+    modalities = tuple(m for m in ("visual", "audio", "text", "meta") if m in model.layouts)
+    frames = 16
+    if "visual" in model.layouts and model.layouts["visual"].sequences:
+        frames = int(next(iter(model.layouts["visual"].sequences.values()))[0])
+    config = FeaturizeConfig(modalities=modalities, frames=frames, device=device, run_id=run_id,
+                             yamnet="yamnet" in model.featurizers.get("audio", "yamnet"))
+    return config, feature_specs(config)

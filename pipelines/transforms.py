@@ -1,0 +1,421 @@
+"""Beam building blocks shared by the featurize and score jobs: thin DoFns and ModelHandlers around featurizers/.
+
+`FeaturizeRows` turns catalog rows (dicts) into one PCollection of feature rows per modality plus a
+PCollection of dead letters; every input row ends in features or in a dead letter.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.metrics import Metrics
+
+from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
+
+NAMESPACE = "popcast"
+ERRORS_TAG = "errors"
+
+
+def error_row(video_id: str | None, stage: str, error_class: str, message: str, run_id: str = "") -> dict:
+    """A dead letter in contracts.ERRORS_SCHEMA."""
+    return {"video_id": video_id, "stage": stage, "error_class": error_class,
+            "message": message[:2000], "run_id": run_id}
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    """Everything the featurize transforms need; picklable, so it travels to workers."""
+    modalities: tuple[str, ...] = ("visual", "audio", "text", "meta")
+    frames: int = 16
+    frame_sampling: str = "keyframe"
+    frame_size: int = 224
+    audio_seconds: float = 30.0
+    visual_model: str | None = None      # None = packaged EfficientNet-Lite0; else a transformers image model
+    text_model: str | None = None        # None = packaged all-MiniLM-L6-v2; else a dir / hub id / gs:// dir
+    device: str = "cpu"
+    visual_batch_videos: int = 4
+    text_batch: int = 64
+    max_bytes: int = 512 * 2**20
+    max_duration_s: float = 600.0
+    max_pixels: int = 4096 * 4096
+    max_decode_s: float = 120.0
+    run_id: str = ""
+    reference_time: str | None = None    # ISO time that ages are computed against (meta)
+    yamnet: bool = True
+
+    def limits(self):
+        from featurizers.decode import DecodeLimits
+        return DecodeLimits(max_bytes=self.max_bytes, max_duration_s=self.max_duration_s,
+                            max_pixels=self.max_pixels, max_decode_s=self.max_decode_s)
+
+
+# ---------------------------------------------------------------- featurizers (built once per worker)
+
+def visual_embedder(config: FeaturizeConfig):
+    from featurizers import visual
+    if config.visual_model:
+        return visual.TransformersVisionEmbedder(config.visual_model, device=config.device)
+    return visual.EfficientNetLite0Embedder(device=config.device)
+
+
+def text_embedder(config: FeaturizeConfig):
+    from featurizers import text
+    return text.SentenceEmbedder(config.text_model, device=config.device)
+
+
+def feature_specs(config: FeaturizeConfig) -> dict[str, FeatureSpec]:
+    """The spec (name@version, shapes) of each requested modality."""
+    from featurizers import audio, meta, text
+    specs = {}
+    if "visual" in config.modalities:
+        specs["visual"] = visual_embedder(config).spec(config.frames)
+    if "audio" in config.modalities:
+        specs["audio"] = audio.audio_spec(yamnet=audio.default_yamnet() if config.yamnet else None)
+    if "text" in config.modalities:
+        specs["text"] = text.text_spec(text_embedder(config) if config.text_model else None)
+    if "meta" in config.modalities:
+        specs["meta"] = meta.META_SPEC
+    return specs
+
+
+def embed_frame_stacks(stacks: Sequence[np.ndarray], embedder) -> list[dict]:
+    """K frames per video → one [K, D] embedding sequence per video, all frames in one encoder batch."""
+    embeddings = np.asarray(embedder.embed(np.concatenate(stacks, axis=0)), dtype=np.float32)
+    rows, start = [], 0
+    for stack in stacks:
+        rows.append({"frames": embeddings[start:start + len(stack)], "n_frames": len(stack)})
+        start += len(stack)
+    return rows
+
+
+def embed_captions(captions: Sequence[tuple], embedder) -> list[dict]:
+    """(title, hashtags) pairs → text feature rows (sentence embedding, hashed words, counts)."""
+    from featurizers.text import text_features
+    columns = text_features([c[0] for c in captions], [c[1] for c in captions], embedder)
+    return [{name: values[i] for name, values in columns.items()} for i in range(len(captions))]
+
+
+class FeaturizerHandler(ModelHandler[Any, dict, Any]):
+    """RunInference handler around a featurizer: `load` builds it once per worker process and
+    `featurize(examples, model)` turns a batch of examples into one feature dict per example."""
+
+    def __init__(self, load: Callable[[], Any], featurize: Callable[[Sequence[Any], Any], list[dict]],
+                 max_batch_size: int, name: str):
+        super().__init__()
+        self._load = load
+        self._featurize = featurize
+        self._max_batch_size = max_batch_size
+        self._name = name
+
+    def load_model(self):
+        return self._load()
+
+    def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:
+        return [PredictionResult(example, row) for example, row in zip(batch, self._featurize(batch, model))]
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": 1, "max_batch_size": self._max_batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return f"{NAMESPACE}_{self._name}"
+
+
+# ---------------------------------------------------------------- DoFns
+
+class ReadAndDecode(beam.DoFn):
+    """Read a video's bytes through Beam FileSystems (local or gs://) and decode frames, audio and facts."""
+
+    def __init__(self, config: FeaturizeConfig):
+        self._config = config
+        self._decoded = Metrics.counter(NAMESPACE, "videos_decoded")
+        self._failed = Metrics.counter(NAMESPACE, "videos_failed")
+        self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
+
+    def process(self, row: dict):
+        from apache_beam.io.filesystems import FileSystems
+        from featurizers.decode import DecodeError, decode_video
+
+        video_id, uri = row["video_id"], row["video_uri"]
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        try:
+            matched = FileSystems.match([path])[0].metadata_list
+            if not matched:
+                raise FileNotFoundError(f"no such video: {uri}")
+            size = matched[0].size_in_bytes
+            if size > self._config.max_bytes:
+                raise DecodeError("max_bytes", f"{size} bytes exceeds max_bytes={self._config.max_bytes}")
+            with FileSystems.open(path, compression_type="uncompressed") as handle:
+                data = handle.read()
+            self._bytes.inc(len(data))
+        except DecodeError as err:
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "limits", err.reason, str(err),
+                                                                 self._config.run_id))
+            yield beam.pvalue.TaggedOutput("undecoded", row)
+            return
+        except Exception as err:  # unreadable storage must not fail the job
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "read", type(err).__name__, str(err),
+                                                                 self._config.run_id))
+            yield beam.pvalue.TaggedOutput("undecoded", row)
+            return
+        try:
+            decoded = decode_video(data, frames=self._config.frames, sampling=self._config.frame_sampling,
+                                   size=self._config.frame_size, limits=self._config.limits(),
+                                   audio_seconds=self._config.audio_seconds)
+        except DecodeError as err:
+            self._failed.inc()
+            stage = "limits" if err.reason.startswith("max_") or err.reason == "decode_timeout" else "decode"
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, stage, err.reason, str(err),
+                                                                 self._config.run_id))
+            yield beam.pvalue.TaggedOutput("undecoded", row)
+            return
+        except Exception as err:
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "decode", type(err).__name__,
+                                                                 str(err), self._config.run_id))
+            yield beam.pvalue.TaggedOutput("undecoded", row)
+            return
+        self._decoded.inc()
+        yield {"row": row, "frames": decoded.frames, "audio": decoded.audio, "facts": decoded.facts.as_dict()}
+
+
+class ValidateFrames(beam.DoFn):
+    """Check each frame stack before RunInference: one bad element must not fail a whole batch."""
+
+    def __init__(self, frames: int, run_id: str):
+        self._frames = frames
+        self._run_id = run_id
+
+    def process(self, keyed):
+        video_id, frames = keyed
+        problem = None
+        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3:
+            problem = f"frames must be [K,H,W,3], got {getattr(frames, 'shape', type(frames))}"
+        elif frames.dtype != np.uint8:
+            problem = f"frames must be uint8, got {frames.dtype}"
+        elif frames.shape[0] != self._frames:
+            problem = f"expected {self._frames} frames, got {frames.shape[0]}"
+        if problem:
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "visual", "InvalidFrames", problem,
+                                                                 self._run_id))
+        else:
+            yield keyed
+
+
+class ValidateText(beam.DoFn):
+    def __init__(self, run_id: str):
+        self._run_id = run_id
+
+    def process(self, keyed):
+        video_id, (title, hashtags) = keyed
+        problem = None
+        if title is not None and not isinstance(title, str):
+            problem = f"title is {type(title).__name__}, not text"
+        elif hashtags is not None and not all(isinstance(tag, str) for tag in hashtags):
+            problem = "hashtags must be a list of strings"
+        if problem:
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "text", "InvalidText", problem,
+                                                                 self._run_id))
+        else:
+            yield keyed
+
+
+class ComputeAudioFeatures(beam.DoFn):
+    """Log-mel statistics (+ YAMNet when available) per decoded clip; no audio is a row, not an error."""
+
+    def __init__(self, config: FeaturizeConfig, spec: FeatureSpec):
+        self._config = config
+        self._spec = spec
+
+    def process(self, decoded: dict):
+        from featurizers.audio import audio_features
+        video_id = decoded["row"]["video_id"]
+        try:
+            values = audio_features(decoded["audio"], yamnet=self._config.yamnet)
+        except Exception as err:
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "audio", type(err).__name__, str(err),
+                                                                 self._config.run_id))
+            return
+        yield {"video_id": video_id, "featurizer": self._spec.featurizer_id, **values}
+
+
+def meta_row(row: dict, facts: dict | None, spec: FeatureSpec) -> dict:
+    from featurizers.meta import meta_features
+    return {"video_id": row["video_id"], "featurizer": spec.featurizer_id, **meta_features(row, facts)}
+
+
+def feature_row(result: tuple[str, PredictionResult], spec: FeatureSpec) -> dict:
+    video_id, prediction = result
+    return {"video_id": video_id, "featurizer": spec.featurizer_id, **prediction.inference}
+
+
+class CountAndLog(beam.DoFn):
+    """Count rows per modality and log progress with rate and ETA (per worker)."""
+
+    def __init__(self, name: str, expected: int, every_s: float = 15.0):
+        self._name = name
+        self._expected = expected
+        self._every_s = every_s
+        self._counter = Metrics.counter(NAMESPACE, f"{name}_ok")
+
+    def setup(self):
+        self._start = time.time()
+        self._seen = 0
+        self._last = self._start
+
+    def process(self, element):
+        self._counter.inc()
+        self._seen += 1
+        now = time.time()
+        if now - self._last >= self._every_s:
+            rate = self._seen / max(now - self._start, 1e-9)
+            eta = max(self._expected - self._seen, 0) / rate if rate else float("inf")
+            logging.info("featurize %s: %d/%d rows in this worker, %.2f rows/s, ETA %.0f s",
+                         self._name, self._seen, self._expected, rate, eta)
+            self._last = now
+        yield element
+
+
+class FeaturizeRows(beam.PTransform):
+    """Catalog rows (dicts with a `_needs` list of modalities) → {modality: feature rows, "errors": dead letters}."""
+
+    def __init__(self, config: FeaturizeConfig, specs: dict[str, FeatureSpec], expected_rows: int = 0):
+        super().__init__()
+        self._config = config
+        self._specs = specs
+        self._expected = expected_rows
+
+    def expand(self, rows):
+        config, specs = self._config, self._specs
+        outputs: dict[str, beam.PCollection] = {}
+        errors: list[beam.PCollection] = []
+
+        def needs_decode(row: dict) -> bool:
+            # Meta of a row with media wants the decode facts (duration, fps, size, audio presence).
+            return row.get("video_uri") is not None and bool({"visual", "audio", "meta"} & set(row["_needs"]))
+
+        with_media = rows | "WithMedia" >> beam.Filter(needs_decode)
+        without_media = rows | "WithoutMedia" >> beam.Filter(lambda r: not needs_decode(r))
+        decoded = (
+            with_media
+            | "SpreadVideos" >> beam.Reshuffle()
+            | "ReadAndDecode" >> beam.ParDo(ReadAndDecode(config)).with_outputs(ERRORS_TAG, "undecoded",
+                                                                                 main="decoded"))
+        errors.append(decoded[ERRORS_TAG])
+
+        if "visual" in specs:
+            spec = specs["visual"]
+            frames = (decoded.decoded
+                      | "NeedsVisual" >> beam.Filter(lambda d: "visual" in d["row"]["_needs"])
+                      | "KeyFrames" >> beam.Map(lambda d: (d["row"]["video_id"], d["frames"]))
+                      | "ValidateFrames" >> beam.ParDo(ValidateFrames(config.frames, config.run_id)).with_outputs(
+                          ERRORS_TAG, main="valid"))
+            errors.append(frames[ERRORS_TAG])
+            handler = KeyedModelHandler(FeaturizerHandler(
+                _Factory(visual_embedder, config), embed_frame_stacks,
+                max_batch_size=config.visual_batch_videos, name="visual"))
+            embedded, failed = frames.valid | "EmbedFrames" >> RunInference(handler).with_exception_handling()
+            errors.append(failed.failed_inferences | "VisualFailures" >> beam.FlatMap(
+                _batch_errors, "visual", config.run_id))
+            outputs["visual"] = (embedded | "VisualRows" >> beam.Map(feature_row, spec)
+                                 | "CountVisual" >> beam.ParDo(CountAndLog("visual", self._expected)))
+
+        if "audio" in specs:
+            audio = (decoded.decoded
+                     | "NeedsAudio" >> beam.Filter(lambda d: "audio" in d["row"]["_needs"])
+                     | "AudioFeatures" >> beam.ParDo(ComputeAudioFeatures(config, specs["audio"])).with_outputs(
+                         ERRORS_TAG, main="rows"))
+            errors.append(audio[ERRORS_TAG])
+            outputs["audio"] = audio.rows | "CountAudio" >> beam.ParDo(CountAndLog("audio", self._expected))
+
+        if "text" in specs:
+            captions = (rows
+                        | "NeedsText" >> beam.Filter(lambda r: "text" in r["_needs"])
+                        | "Caption" >> beam.Map(lambda r: (r["video_id"], (r.get("title"), r.get("hashtags"))))
+                        | "ValidateText" >> beam.ParDo(ValidateText(config.run_id)).with_outputs(
+                            ERRORS_TAG, main="valid"))
+            errors.append(captions[ERRORS_TAG])
+            handler = KeyedModelHandler(FeaturizerHandler(
+                _Factory(text_embedder, config), embed_captions, max_batch_size=config.text_batch, name="text"))
+            embedded, failed = captions.valid | "EmbedText" >> RunInference(handler).with_exception_handling()
+            errors.append(failed.failed_inferences | "TextFailures" >> beam.FlatMap(
+                _batch_errors, "text", config.run_id))
+            outputs["text"] = (embedded | "TextRows" >> beam.Map(feature_row, specs["text"])
+                               | "CountText" >> beam.ParDo(CountAndLog("text", self._expected)))
+
+        if "meta" in specs:
+            spec = specs["meta"]
+            from_decoded = (decoded.decoded
+                            | "NeedsMetaDecoded" >> beam.Filter(lambda d: "meta" in d["row"]["_needs"])
+                            | "MetaWithFacts" >> beam.Map(lambda d: meta_row(d["row"], d["facts"], spec)))
+            from_rows = ((without_media, decoded.undecoded)
+                         | "RowsWithoutFacts" >> beam.Flatten()
+                         | "NeedsMeta" >> beam.Filter(lambda r: "meta" in r["_needs"])
+                         | "MetaWithoutFacts" >> beam.Map(lambda r: meta_row(r, None, spec)))
+            outputs["meta"] = ((from_decoded, from_rows) | "MetaRows" >> beam.Flatten()
+                               | "CountMeta" >> beam.ParDo(CountAndLog("meta", self._expected)))
+
+        outputs[ERRORS_TAG] = (errors | "AllErrors" >> beam.Flatten()
+                               | "CountErrors" >> beam.ParDo(CountAndLog("errors", self._expected)))
+        return outputs
+
+
+@dataclass(frozen=True)
+class _Factory:
+    """A picklable zero-argument constructor: `factory(config)` called on the worker."""
+    build: Callable[[FeaturizeConfig], Any]
+    config: FeaturizeConfig
+
+    def __call__(self):
+        return self.build(self.config)
+
+
+def _batch_errors(failed, stage: str, run_id: str):
+    batch, exception = failed
+    for item in batch:
+        video_id = item[0] if isinstance(item, tuple) else None
+        yield error_row(video_id, stage, type(exception).__name__, str(exception), run_id)
+
+
+# ---------------------------------------------------------------- rows → Arrow tables
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Feature rows (numpy vectors, None for a missing vector) → one Arrow table in `schema`.
+
+    A missing vector is stored as all-NaN, never as a null list (see contracts.MISSING_VECTOR).
+    """
+    arrays = []
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        if pa.types.is_fixed_size_list(f.type):
+            size = f.type.list_size
+            flat = np.full((len(rows), size), np.nan, dtype=np.float32)
+            for i, v in enumerate(values):
+                if v is not None:
+                    flat[i] = np.asarray(v, dtype=np.float32).reshape(-1)
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size))
+        else:
+            arrays.append(pa.array(values, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class ToArrowTables(beam.PTransform):
+    """Group rows into Arrow tables for WriteToParquetBatched."""
+
+    def __init__(self, schema: pa.Schema, max_rows: int = 512):
+        super().__init__()
+        self._schema = schema
+        self._max_rows = max_rows
+
+    def expand(self, rows):
+        return (rows
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._max_rows)
+                | "ToArrow" >> beam.Map(rows_to_table, self._schema))
+
