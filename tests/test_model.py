@@ -54,7 +54,7 @@ def synthetic_catalog(n: int = N_ROWS, seed: int = 0) -> tuple[pa.Table, dict[st
     columns = {"video_id": pa.array([f"v{i:05d}" for i in range(n)]),
                "publish_time": pa.array(publish, CATALOG_SCHEMA.field("publish_time").type),
                "observed_at": pa.array(observed, CATALOG_SCHEMA.field("observed_at").type),
-               "author_id": pa.array([f"a{i % 50}" for i in range(n)]), **labels}
+               "author_id": pa.array([f"a{i % 50}" if i < 0.9 * n else f"new{i}" for i in range(n)]), **labels}
     table = pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in CATALOG_SCHEMA},
                      schema=CATALOG_SCHEMA)
     return table, {"text0": text0, "followers": followers}
@@ -248,3 +248,18 @@ def test_warm_start_freezes_requested_branches(workspace, tmp_path):
     assert any(not torch.equal(src[k], new[k]) for k in trained)
     assert warm.config["init_from"] == workspace["model_dir"]
     assert warm.config["layouts"] == source.config["layouts"]      # same inputs, same normalisation
+
+
+def test_evaluation_report_is_self_contained(workspace, tmp_path):
+    from model.report import evaluate
+    report = evaluate(workspace["catalog"], workspace["features"], workspace["model_dir"], str(tmp_path / "r"))
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and "http" not in page.split("<body>")[1]
+    assert set(report["ablation"]) == {f"without {m}" for m in SPECS}
+    assert {"new creators", "known creators", "without media"} <= set(report["slices"])
+    # Same split, same predictions: the report's test MAE is the one recorded at training time.
+    assert report["test"]["views"]["mae_log1p"] == pytest.approx(
+        workspace["metrics"]["test"]["model"]["views"]["mae_log1p"], abs=1e-5)
+    # Dropping the text branch (where the planted signal is) must hurt.
+    assert report["ablation"]["without text"]["views"]["mae_log1p"] > report["test"]["views"]["mae_log1p"]
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["model_version"] == report["model_version"]

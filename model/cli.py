@@ -1,0 +1,60 @@
+"""Argument parsing for `popcast train` and `popcast evaluate` (runners/cli.py dispatches here)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="popcast train", description="Train the fusion model on stored features.")
+    p.add_argument("--catalog", required=True, help="catalog (Parquet/CSV/JSONL, local or gs://)")
+    p.add_argument("--features", required=True, help="features directory (DIR/<modality>/*.parquet)")
+    p.add_argument("--output", required=True, help="MODEL_DIR to write")
+    p.add_argument("--split-quantile", type=float, default=0.8,
+                   help="rows with publish_time ≥ this quantile are the test set (default 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (runs are deterministic per seed)")
+    p.add_argument("--init-from", default=None, help="warm-start from an earlier MODEL_DIR")
+    p.add_argument("--freeze", default="", help="comma-separated branches to freeze with --init-from "
+                                                "(modality names, trunk, head)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on CUDA)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per ensemble member")
+    p.add_argument("--ensemble", type=int, default=None, help="number of ensemble members (default 5)")
+    p.add_argument("--modalities", default="", help="comma-separated subset of modalities to use (default: all)")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> dict:
+    from model.train import TrainingConfig, train
+    args = train_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    training = TrainingConfig()
+    if args.epochs:
+        training.epochs = args.epochs
+    if args.ensemble:
+        training.ensemble_size = args.ensemble
+    result = train(args.catalog, args.features, args.output, split_quantile=args.split_quantile, seed=args.seed,
+                   init_from=args.init_from, freeze=tuple(x for x in args.freeze.split(",") if x),
+                   device=args.device, training=training,
+                   modalities=tuple(x for x in args.modalities.split(",") if x) or None)
+    print(json.dumps({"model_version": result["model_version"], "test": {
+        k: {t: v[t]["mae_log1p"] for t in ("views", "likes", "comments", "shares")}
+        for k, v in result["test"].items() if isinstance(v, dict) and "views" in v}}))
+    return result
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="popcast evaluate", description="HTML evaluation report of a trained model.")
+    p.add_argument("--catalog", required=True, help="the catalog the model was trained on")
+    p.add_argument("--features", required=True, help="features directory")
+    p.add_argument("--model", required=True, help="MODEL_DIR")
+    p.add_argument("--output", required=True, help="REPORT_DIR (index.html + metrics.json)")
+    return p
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    from model.report import evaluate
+    args = evaluate_parser().parse_args(argv)
+    report = evaluate(args.catalog, args.features, args.model, args.output)
+    print(f"wrote {args.output}/index.html")
+    return report
