@@ -30,7 +30,7 @@ CATALOG_COLUMNS: tuple[Column, ...] = (
            "local path, file:// or gs:// URI of the media; null = no media"),
     Column("title", pa.string(), "optional", "caption text"),
     Column("hashtags", pa.list_(pa.string()), "optional",
-           "hashtags without '#'; CSV/JSON may give them '|'- or comma-separated"),
+           "hashtags without '#'; CSV/JSON may give them pipe- or comma-separated"),
     Column("duration_s", pa.float64(), "optional", "duration in seconds as listed by the platform"),
     Column("author_id", pa.string(), "optional", "creator id"),
     Column("author_followers", pa.int64(), "optional", "creator follower count at crawl time"),
@@ -131,3 +131,27 @@ def markdown_table(columns: tuple[Column, ...]) -> str:
     lines = ["| column | type | role | meaning |", "|---|---|---|---|"]
     lines += [f"| `{c.name}` | `{c.type}` | {c.role} | {c.doc} |" for c in columns]
     return "\n".join(lines)
+
+
+ERROR_COLUMNS: tuple[Column, ...] = (
+    Column("video_id", pa.string(), "key", "the input row"),
+    Column("stage", pa.string(), "output", "read, limits, decode, visual, audio, text, validate, score"),
+    Column("error_class", pa.string(), "output", "exception class or reason (empty_file, max_bytes, corrupt, ...)"),
+    Column("message", pa.string(), "output", "what went wrong, for a human"),
+    Column("run_id", pa.string(), "output", "the run that wrote it"),
+)
+assert [c.name for c in ERROR_COLUMNS] == ERRORS_SCHEMA.names
+
+
+def readme_contracts() -> str:
+    """The README's "Data contracts" tables, generated here (`python -m pipelines.contracts`)."""
+    return "\n\n".join([
+        "### Catalog (input of every job)\n\n" + markdown_table(CATALOG_COLUMNS),
+        "### Scored table (output of `popcast score`, `TABLE/dt=YYYY-MM-DD/`)\n\n"
+        "Every catalog column, then:\n\n" + markdown_table(PREDICTION_COLUMNS),
+        "### Dead letters (`DIR/_errors/`, `TABLE/_errors/`)\n\n" + markdown_table(ERROR_COLUMNS),
+    ])
+
+
+if __name__ == "__main__":
+    print(readme_contracts())

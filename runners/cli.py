@@ -49,7 +49,7 @@ def _sample(argv: list[str]) -> int:
     return 0
 
 
-def _pipeline(module: str):
+def _pipeline(module: str, entry_name: str = "main"):
     def run(argv: list[str]) -> int:
         import importlib
         try:
@@ -59,7 +59,8 @@ def _pipeline(module: str):
                 raise
             print(f"this subcommand is not available yet: {module} is not built", file=sys.stderr)
             return 2
-        return entry.main(argv)
+        result = getattr(entry, entry_name)(argv)
+        return result if isinstance(result, int) else 0
     return run
 
 
@@ -67,8 +68,8 @@ COMMANDS = {
     "validate": (_validate, "check a catalog against the contract"),
     "sample": (_sample, "write sample MP4 videos and their catalog"),
     "featurize": (_pipeline("pipelines.featurize"), "Beam: decode and embed videos into Parquet features"),
-    "train": (_pipeline("model.cli_train"), "train the fusion model on stored features"),
-    "evaluate": (_pipeline("model.cli_evaluate"), "write the HTML evaluation report"),
+    "train": (_pipeline("runners.model_commands", "train_main"), "train the fusion model on stored features"),
+    "evaluate": (_pipeline("runners.model_commands", "evaluate_main"), "write the HTML evaluation report"),
     "score": (_pipeline("pipelines.score"), "Beam: attach predictions to a catalog, one partition per date"),
     "demo": (_pipeline("pipelines.demo"), "sample -> featurize -> train -> evaluate -> score"),
 }

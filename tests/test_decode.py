@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import pickle
 from pathlib import Path
 
+import decord
 import numpy as np
 import pytest
 
@@ -376,9 +378,6 @@ def test_real_clip_reference_sampling_equals_decord_at_the_same_frames() -> None
     assert np.all(np.diff(indices) > 0) and len(indices) == 16
     targets = np.array(uniform_indices(decoded.facts.frame_count, 16))
     assert np.abs(indices - targets).max() <= 3
-    import io
-
-    import decord
     reader = decord.VideoReader(io.BytesIO(data), width=64, height=64)
     same = reader.get_batch(indices.tolist()).asnumpy()
     assert np.abs(decoded.frames.astype(np.int16) - same.astype(np.int16)).mean() < 1.0

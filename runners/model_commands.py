@@ -1,4 +1,4 @@
-"""Argument parsing for `popcast train` and `popcast evaluate` (runners/cli.py dispatches here)."""
+"""`popcast train` and `popcast evaluate`: argument parsing in front of model/ (runners/cli.py dispatches here)."""
 from __future__ import annotations
 
 import argparse
