@@ -50,13 +50,14 @@ LABEL_COLUMNS: tuple[str, ...] = tuple(c.name for c in CATALOG_COLUMNS if c.role
 SUPPORTED_URI_SCHEMES: tuple[str, ...] = ("", "file", "gs")
 
 # Dead letters: one row per input row that did not become features / predictions.
-ERRORS_SCHEMA = pa.schema([
-    pa.field("video_id", pa.string()),
-    pa.field("stage", pa.string()),         # read | decode | limits | visual | audio | text | meta | score ...
-    pa.field("error_class", pa.string()),   # exception class or a limit name such as "max_bytes"
-    pa.field("message", pa.string()),
-    pa.field("run_id", pa.string()),
-])
+ERROR_COLUMNS: tuple[Column, ...] = (
+    Column("video_id", pa.string(), "key", "the input row"),
+    Column("stage", pa.string(), "output", "read, limits, decode, visual, audio, text, validate, score"),
+    Column("error_class", pa.string(), "output", "exception class or reason (empty_file, max_bytes, corrupt, ...)"),
+    Column("message", pa.string(), "output", "what went wrong, for a human"),
+    Column("run_id", pa.string(), "output", "the run that wrote it"),
+)
+ERRORS_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in ERROR_COLUMNS])
 
 # Feature tables: DIR/<modality>/*.parquet, keyed by video_id, one row per video.
 MODALITIES: tuple[str, ...] = ("visual", "audio", "text", "meta", "history")
@@ -132,15 +133,6 @@ def markdown_table(columns: tuple[Column, ...]) -> str:
     lines += [f"| `{c.name}` | `{c.type}` | {c.role} | {c.doc} |" for c in columns]
     return "\n".join(lines)
 
-
-ERROR_COLUMNS: tuple[Column, ...] = (
-    Column("video_id", pa.string(), "key", "the input row"),
-    Column("stage", pa.string(), "output", "read, limits, decode, visual, audio, text, validate, score"),
-    Column("error_class", pa.string(), "output", "exception class or reason (empty_file, max_bytes, corrupt, ...)"),
-    Column("message", pa.string(), "output", "what went wrong, for a human"),
-    Column("run_id", pa.string(), "output", "the run that wrote it"),
-)
-assert [c.name for c in ERROR_COLUMNS] == ERRORS_SCHEMA.names
 
 
 def readme_contracts() -> str:

@@ -26,6 +26,8 @@ from pipelines.catalog import CatalogError, read_catalog
 from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
 
 ALL_MODALITIES = ("visual", "audio", "text", "meta")
+# Opt-in (--modalities ...,history): recomputed for every row on each run, see pipelines/history_transforms.py.
+OPTIONAL_MODALITIES = ("history",)
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -33,7 +35,7 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--catalog", required=True, help="catalog: Parquet file/dir/glob, CSV or JSONL; local or gs://")
     parser.add_argument("--output", required=True, help="features directory (local or gs://)")
     parser.add_argument("--modalities", default=",".join(ALL_MODALITIES),
-                        help="comma-separated subset of visual,audio,text,meta")
+                        help="comma-separated subset of visual,audio,text,meta,history (history: opt-in)")
     parser.add_argument("--frames", type=int, default=16, help="frames per video (K)")
     parser.add_argument("--frame-sampling", choices=("keyframe", "exact"), default="keyframe",
                         help="keyframe: keyframes nearest K uniform positions (cheap); exact: frame-accurate")
@@ -89,9 +91,10 @@ class FeaturizeSummary:
 def make_config(args: argparse.Namespace, run_id: str):
     from pipelines.transforms import FeaturizeConfig
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    unknown = set(modalities) - set(ALL_MODALITIES)
+    unknown = set(modalities) - set(ALL_MODALITIES) - set(OPTIONAL_MODALITIES)
     if unknown:
-        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {','.join(ALL_MODALITIES)}")
+        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from "
+                         f"{','.join(ALL_MODALITIES + OPTIONAL_MODALITIES)}")
     device = args.device
     if device == "auto":
         import torch
@@ -129,6 +132,11 @@ def build_pipeline(pipeline, input_path: str, staging: str, config, specs: dict[
 
     rows = pipeline | "ReadCatalogRows" >> ReadFromParquet(input_path)
     features = rows | "Featurize" >> FeaturizeRows(config, specs, expected_rows)
+    if "history" in specs:
+        from featurizers.history import curve_from_spec_config
+        from pipelines.history_transforms import CreatorHistory
+        features["history"] = rows | "CreatorHistory" >> CreatorHistory(
+            curve_from_spec_config(specs["history"].config), config.run_id)
     for modality, spec in specs.items():
         (features[modality]
          | f"{modality}ToArrow" >> ToArrowTables(spec.schema())
@@ -154,7 +162,13 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     config = make_config(args, run_id)
     specs = feature_specs(config)
     catalog = read_catalog(args.catalog)
+    if "history" in config.modalities:
+        # History depends on other rows' labels, so it is recomputed for every row on each run (and
+        # published with replace below); the age curve is fitted here, on the labelled catalog rows.
+        from pipelines.history_transforms import prepare_history
+        specs["history"] = prepare_history(catalog, args.output)
     done = {} if args.force else publish.featurized_ids(args.output, specs)
+    done.pop("history", None)
     todo = rows_needing_work(catalog, done, list(specs))
     staging = storage.join(args.output, "_staging", run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")
@@ -171,7 +185,11 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
         counters = _counters(result)
     seconds = time.time() - start
 
-    published = publish.publish_features(staging, args.output, list(specs), run_id, replace=args.force)
+    published = publish.publish_features(staging, args.output, [m for m in specs if m != "history"], run_id,
+                                         replace=args.force)
+    if "history" in specs:
+        published["history"] = publish.publish_features(staging, args.output, ["history"], run_id,
+                                                        replace=True)["history"]
     errors = published.pop("_errors", ERRORS_SCHEMA.empty_table())
     featured_ids = set().union(*[set(t.column("video_id").to_pylist()) for t in published.values()]) \
         if published else set()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import date
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -15,11 +17,24 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
 
+_EPOCH_DAY = date(1970, 1, 1)
+# Staged score rows carry their row number in the scored catalog, so publishing attaches the catalog
+# columns by position (a gather) rather than by a hash join on video_id.
+CATALOG_ROW_COLUMN = "_catalog_row"
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary-encoding in Parquet: strings (ids, versions repeat). Dictionary encoding
+    on float columns makes writes ~10x slower for almost no size gain (see RESEARCH.md)."""
+    return [f.name for f in schema
+            if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            or (pa.types.is_list(f.type) and pa.types.is_string(f.type.value_type))]
+
 
 def write_table(table: pa.Table, uri: str) -> None:
     fs, path = storage.filesystem_and_path(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    pq.write_table(table, path, filesystem=fs, use_dictionary=dictionary_columns(table.schema))
 
 
 def parquet_files(uri: str) -> list[str]:
@@ -51,6 +66,20 @@ def featurized_ids(features_dir: str, specs: dict[str, FeatureSpec | str]) -> di
             continue
         same = table.filter(pc.equal(table.column("featurizer"), featurizer))
         done[modality] = set(same.column("video_id").to_pylist())
+    return done
+
+
+def featurized_id_arrays(features_dir: str, specs: dict[str, FeatureSpec | str]) -> dict[str, pa.Array]:
+    """Like featurized_ids, but Arrow arrays of ids (no Python strings: 1M ids cost ~1 s as a set)."""
+    done = {}
+    for modality, spec in specs.items():
+        featurizer = spec if isinstance(spec, str) else spec.featurizer_id
+        table = read_columns(storage.join(features_dir, modality), ["video_id", "featurizer"])
+        if table is None:
+            done[modality] = pa.array([], pa.string())
+            continue
+        same = table.filter(pc.equal(table.column("featurizer"), featurizer))
+        done[modality] = same.column("video_id").combine_chunks()
     return done
 
 
@@ -144,8 +173,15 @@ def _partition_dir(output: str, day) -> str:
     return storage.join(output, f"dt={day}")
 
 
-def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, schema: pa.Schema) -> dict:
+def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, schema: pa.Schema,
+                       catalog: pa.Table | None = None) -> dict:
     """Replace TABLE/dt=D/ for every date this run owns with the run's rows of that date.
+
+    Without `catalog`, the staged files hold whole rows in `schema`; rows are ordered by video_id. With
+    it, they hold video_id, CATALOG_ROW_COLUMN (the row's position in `catalog`) and the columns of
+    `schema` that the catalog lacks (the predictions); each staged row is attached here to its catalog
+    row, so the catalog columns never travel through the job, and rows keep the catalog's order.
+    Either way identical inputs give identical files.
 
     Each partition is written complete under TABLE/_staging first and then swapped in by renames, so a
     reader sees the old partition or the new one, never a half-written one or both (on object stores,
@@ -153,20 +189,58 @@ def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, s
     """
     fs, _ = storage.filesystem_and_path(output)
     files = parquet_files(staged_dir)
-    staged = (ds.dataset(files, filesystem=fs, format="parquet", schema=schema).to_table()
-              if files else schema.empty_table())
-    published_day = pc.cast(staged.column("publish_time"), pa.date32())
+    staged_schema = schema if catalog is None else pa.schema(
+        [schema.field("video_id"), pa.field(CATALOG_ROW_COLUMN, pa.int64())]
+        + [f for f in schema if f.name not in catalog.column_names])
+    staged = (ds.dataset(files, filesystem=fs, format="parquet", schema=staged_schema).to_table()
+              if files else staged_schema.empty_table())
+    scored, days = (_rows_by_day_and_id(staged) if catalog is None
+                    else _catalog_rows_by_day(staged, catalog, schema))
+    dictionary = dictionary_columns(schema)
     counts = {}
     for day in dates:
-        rows = staged.filter(pc.equal(published_day, pa.scalar(day, pa.date32())))
-        rows = rows.sort_by("video_id")  # a deterministic file for identical inputs
+        ordinal = (day - _EPOCH_DAY).days
+        lo, hi = np.searchsorted(days, ordinal, "left"), np.searchsorted(days, ordinal, "right")
+        rows = scored.slice(lo, hi - lo)
         ready_uri = storage.join(output, "_staging", run_id, "partitions", f"dt={day}")
         _, ready = storage.filesystem_and_path(ready_uri)
         fs.create_dir(ready, recursive=True)
-        pq.write_table(rows, f"{ready}/part-{run_id}.parquet", filesystem=fs)
+        pq.write_table(rows, f"{ready}/part-{run_id}.parquet", filesystem=fs, use_dictionary=dictionary)
         _swap_directory(fs, ready, storage.filesystem_and_path(_partition_dir(output, day))[1], run_id)
         counts[day] = rows.num_rows
     return counts
+
+
+def _days(timestamps: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """UTC publish days as int32 days since 1970."""
+    return pc.cast(pc.cast(timestamps, pa.date32()), pa.int32()).to_numpy(zero_copy_only=False)
+
+
+def _rows_by_day_and_id(staged: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Whole staged rows sorted by (publish day, video_id), and each row's day. One sort, then each
+    day is a contiguous slice (filtering the table once per day costs O(days x rows))."""
+    keys = pa.table({"_day": _days(staged.column("publish_time")), "video_id": staged.column("video_id")})
+    order = pc.sort_indices(keys, [("_day", "ascending"), ("video_id", "ascending")])
+    return staged.take(order), keys.column("_day").take(order).to_numpy()
+
+
+def _catalog_rows_by_day(staged: pa.Table, catalog: pa.Table, schema: pa.Schema) -> tuple[pa.Table, np.ndarray]:
+    """Catalog rows with their staged predictions attached, in `schema`, ordered by (publish day,
+    catalog order), and each row's day. Each source table is gathered once, in the final order."""
+    positions = staged.column(CATALOG_ROW_COLUMN).to_numpy()
+    if len(positions) and (positions.min() < 0 or positions.max() >= catalog.num_rows
+                           or not pc.all(pc.equal(catalog.column("video_id").take(positions),
+                                                  staged.column("video_id"))).as_py()):
+        raise ValueError(f"staged predictions do not line up with the scored catalog ({CATALOG_ROW_COLUMN})")
+    days = _days(catalog.column("publish_time"))[positions]
+    order = np.lexsort((positions, days))  # by day, then catalog order
+    rows = positions[order]
+    # A catalog already in day order, fully scored, needs no gather at all (the usual nightly run).
+    catalog_part = catalog if np.array_equal(rows, np.arange(catalog.num_rows)) else catalog.take(rows)
+    staged_part = staged.take(order)
+    columns = [catalog_part.column(f.name) if f.name in catalog.column_names else staged_part.column(f.name)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema), days[order]
 
 
 def _swap_directory(fs: pafs.FileSystem, ready: str, target: str, run_id: str) -> None:
@@ -199,6 +273,13 @@ def partition_ids(output: str, dates: list, run_id: str) -> list[str]:
         if table is not None:
             ids += table.column("video_id").to_pylist()
     return ids
+
+
+def partition_id_array(output: str, dates: list) -> pa.Array:
+    """The video_ids now published in the given dates' partitions, as one Arrow array."""
+    parts = [t.column("video_id") for t in (read_columns(_partition_dir(output, day), ["video_id"])
+                                             for day in dates) if t is not None]
+    return pa.chunked_array(parts, pa.string()).combine_chunks() if parts else pa.array([], pa.string())
 
 
 def publish_errors(staging: str, output: str, run_id: str) -> pa.Table:

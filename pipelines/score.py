@@ -3,9 +3,10 @@
     popcast score --catalog PATH --features DIR --model MODEL_DIR --output TABLE
                   [--date YYYY-MM-DD | --start YYYY-MM-DD --end YYYY-MM-DD] [--horizon-days 7] [Beam options]
 
-Rows are joined with stored features in shards of Arrow tables (a CoGroupByKey on a hash of video_id);
+Row ids are joined with stored features in shards of Arrow tables (a GroupByKey on a hash of video_id);
 rows lacking features for the model's featurizer versions are featurized on the fly with the featurize
-transforms. Each date's partition TABLE/dt=YYYY-MM-DD/ is replaced whole on re-run.
+transforms. The job stages ids + predictions; publishing attaches them to the catalog rows and replaces
+each date's partition TABLE/dt=YYYY-MM-DD/ whole.
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ from pipelines.catalog import CatalogError, read_catalog
 from pipelines.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS
 
 SHARD_SEED = 20261128
+# The only catalog columns that travel through the job: the join key, the per-row checks and the row's
+# position in the scored catalog. The other catalog columns are attached to the predictions by position
+# when partitions are published (publish_partitions), so the job shuffles, pickles and writes ids and
+# predictions, not captions and hashtags.
+ROW_COLUMN = publish.CATALOG_ROW_COLUMN
+JOIN_COLUMNS = ("video_id", "publish_time", ROW_COLUMN)
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -46,6 +53,9 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--iceberg", default=None,
                         help="also overwrite partitions of an Iceberg table: CATALOG_URI#namespace.table "
                              "(e.g. sqlite:////tmp/cat.db#popcast.scored)")
+    parser.add_argument("--history", default=None,
+                        help="extra history source for creator-history features: an earlier labelled catalog or "
+                             "scored table (the labelled rows of --catalog are always used)")
     parser.add_argument("--profile", default=None, help="runner profile (direct, local, portable, spark, ...)")
     parser.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
     return parser.parse_known_args(argv)
@@ -71,6 +81,26 @@ def selected_dates(args: argparse.Namespace, catalog: pa.Table) -> list[date]:
 def rows_of_dates(catalog: pa.Table, dates: list[date]) -> pa.Table:
     published = pc.cast(catalog.column("publish_time"), pa.date32())
     return catalog.filter(pc.is_in(published, pa.array(dates, pa.date32())))
+
+
+def modalities_needed(todo: pa.Table, done: dict[str, pa.Array], modalities: list[str]) -> pa.ListArray:
+    """Per row, the modalities it lacks and can have (visual/audio need media), as list<string>.
+
+    The same decision as pipelines.featurize.rows_needing_work, in column operations: 1M rows cost
+    milliseconds instead of ~10 s of per-row Python.
+    """
+    from pipelines.featurize import MEDIA_MODALITIES
+    ids = todo.column("video_id")
+    has_media = pc.is_valid(todo.column("video_uri")).to_numpy(zero_copy_only=False)
+    lacking = np.zeros((todo.num_rows, len(modalities)), dtype=bool)
+    for j, modality in enumerate(modalities):
+        stored = done.get(modality, pa.array([], pa.string()))
+        lacking[:, j] = ~pc.is_in(ids, value_set=stored).to_numpy(zero_copy_only=False)
+        if modality in MEDIA_MODALITIES:
+            lacking[:, j] &= has_media
+    offsets = np.concatenate([[0], np.cumsum(lacking.sum(axis=1))]).astype(np.int32)
+    names = pa.array(np.asarray(modalities, dtype=object)[np.nonzero(lacking)[1]], pa.string())
+    return pa.ListArray.from_arrays(pa.array(offsets), names)
 
 
 def shard_of(video_ids: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarray:
@@ -116,8 +146,10 @@ class ScoreSummary:
 
 def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str, model_dir: str,
                    model_featurizers: dict[str, str], featurize_config, specs: dict, horizon_days: float,
-                   shards: int, run_id: str, scored_schema: pa.Schema, needs_featurizing: bool, device: str):
-    """The Beam graph: rows + stored features (+ on-the-fly features) → sharded join → model → Parquet."""
+                   shards: int, run_id: str, staged_schema: pa.Schema, needs_featurizing: bool, device: str,
+                   history: tuple | None = None):
+    """The Beam graph: row ids + stored features (+ on-the-fly features) → sharded join → model → Parquet
+    of video_id + prediction columns (staged_schema)."""
     import apache_beam as beam
     from apache_beam.io.parquetio import ReadFromParquet, ReadFromParquetBatched, WriteToParquetBatched
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -127,12 +159,13 @@ def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str
     from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables
 
     catalog = (pipeline
-               | "ReadCatalogRows" >> ReadFromParquetBatched(input_path)
-               | "DropNeeds" >> beam.Map(lambda t: t.drop_columns(["_needs"]))
+               | "ReadCatalogKeys" >> ReadFromParquetBatched(input_path, columns=list(JOIN_COLUMNS))
                | "ShardCatalog" >> beam.FlatMap(shard_tables, shards, "catalog"))
     sides = [catalog]
     errors = []
     for modality, featurizer in model_featurizers.items():
+        if modality == "history":   # computed below as of scoring, never read from stored features
+            continue
         stored_files = publish.parquet_files(storage.join(features_dir, modality))
         if stored_files:
             pattern = storage.join(features_dir, modality, "*.parquet")
@@ -150,18 +183,21 @@ def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str
             sides.append(fresh[modality]
                          | f"Fresh{modality}ToArrow" >> ToArrowTables(spec.schema())
                          | f"ShardFresh{modality}" >> beam.FlatMap(shard_tables, shards, modality))
+    if history is not None:
+        from pipelines.history_transforms import history_side
+        sides.append(history_side(pipeline, *history, run_id, shards))
     joined = (sides
               | "AllSides" >> beam.Flatten()
               | "JoinByShard" >> beam.GroupByKey()
               | "Assemble" >> beam.Map(JoinedShard.assemble)
               | "Validate" >> beam.ParDo(ValidateShard(run_id)).with_outputs(ERRORS_TAG, main="valid"))
     errors.append(joined[ERRORS_TAG])
-    handler = KeyedModelHandler(ScoreHandler(model_dir, horizon_days, run_id, scored_schema, device))
+    handler = KeyedModelHandler(ScoreHandler(model_dir, horizon_days, run_id, staged_schema, device))
     scored, failed = joined.valid | "Predict" >> RunInference(handler).with_exception_handling()
     errors.append(failed.failed_inferences | "PredictFailures" >> beam.FlatMap(_failed_shards, run_id))
     (scored
      | "Predictions" >> beam.Map(lambda kv: kv[1].inference)
-     | "WriteScored" >> WriteToParquetBatched(storage.join(staging, "scored", f"part-{run_id}"), scored_schema,
+     | "WriteScored" >> WriteToParquetBatched(storage.join(staging, "scored", f"part-{run_id}"), staged_schema,
                                               file_name_suffix=".parquet"))
     (errors
      | "AllErrors" >> beam.Flatten()
@@ -183,7 +219,6 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from model.artifact import load_model
-    from pipelines.featurize import rows_needing_work
     from pipelines.score_transforms import on_the_fly_config
     from runners.profiles import expand
 
@@ -199,14 +234,13 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     model = load_model(args.model)
     model_featurizers = model.featurizers
     config, specs = on_the_fly_config(model, run_id, device)
-    done = publish.featurized_ids(args.features, model_featurizers)
+    done = publish.featurized_id_arrays(args.features, model_featurizers)
     mismatched = {m: (s.featurizer_id, model_featurizers[m]) for m, s in specs.items()
                   if s.featurizer_id != model_featurizers.get(m)}
-    lacking = rows_needing_work(todo, done, list(specs))
-    needs = dict(zip(lacking.column("video_id").to_pylist(), lacking.column("_needs").to_pylist()))
-    needs_list = [needs.get(vid, []) for vid in todo.column("video_id").to_pylist()]
-    todo_with_needs = todo.append_column("_needs", pa.array(needs_list, pa.list_(pa.string())))
-    on_the_fly = sum(1 for n in needs_list if n)
+    needs = modalities_needed(todo, done, list(specs))
+    todo_with_needs = (todo.append_column("_needs", needs)
+                       .append_column(ROW_COLUMN, pa.array(np.arange(todo.num_rows, dtype=np.int64))))
+    on_the_fly = int(np.count_nonzero(pc.list_value_length(needs).to_numpy(zero_copy_only=False)))
     if on_the_fly and mismatched:
         raise ValueError(f"{on_the_fly} rows lack stored features and on-the-fly featurization would use "
                          f"other featurizer versions than the model's ({mismatched}); run `popcast featurize` "
@@ -214,9 +248,18 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
 
     staging = storage.join(args.output, "_staging", run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")
-    publish.write_table(todo_with_needs, input_path)
-    scored_schema = pa.schema(list(todo.schema) + [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS])
+    # Whole rows only when some need featurizing; the join itself reads JOIN_COLUMNS.
+    publish.write_table(todo_with_needs if on_the_fly else todo_with_needs.select([*JOIN_COLUMNS, "_needs"]),
+                        input_path)
+    predictions = [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS]
+    scored_schema = pa.schema(list(todo.schema) + predictions)
+    staged_schema = pa.schema([todo.schema.field("video_id"), pa.field(ROW_COLUMN, pa.int64())] + predictions)
     shards = args.shards or max(1, todo.num_rows // 20_000 + 1)
+    history = None
+    if "history" in model_featurizers:
+        from pipelines.history_transforms import stage_history_inputs
+        history = stage_history_inputs(catalog, todo, args.history, args.features, model_featurizers["history"],
+                                       staging)
 
     start = time.time()
     counters: dict[str, int] = {}
@@ -225,26 +268,28 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
         build_pipeline(pipeline, input_path=input_path, features_dir=args.features, staging=staging,
                        model_dir=args.model, model_featurizers=model_featurizers, featurize_config=config,
                        specs=specs, horizon_days=args.horizon_days, shards=shards, run_id=run_id,
-                       scored_schema=scored_schema, needs_featurizing=on_the_fly > 0, device=device)
+                       staged_schema=staged_schema, needs_featurizing=on_the_fly > 0, device=device,
+                       history=history)
         result = pipeline.run()
         result.wait_until_finish()
         from pipelines.featurize import _counters
         counters = _counters(result)
     partitions = publish.publish_partitions(storage.join(staging, "scored"), args.output, dates, run_id,
-                                            scored_schema)
+                                            scored_schema, catalog=todo)
     errors = publish.publish_errors(staging, args.output, run_id)
     if args.iceberg:
         from pipelines.iceberg_sink import overwrite_partitions
         overwrite_partitions(args.iceberg, args.output, dates)
     seconds = time.time() - start
-    scored_ids = set(publish.partition_ids(args.output, dates, run_id))
-    error_ids = set(errors.column("video_id").to_pylist())
+    accounted = pa.chunked_array([publish.partition_id_array(args.output, dates),
+                                  errors.column("video_id").combine_chunks()], pa.string())
+    unaccounted = todo.column("video_id").filter(pc.invert(pc.is_in(todo.column("video_id"), accounted)))
     summary = ScoreSummary(
         run_id=run_id, rows_in=todo.num_rows, rows_scored=sum(partitions.values()),
         rows_featurized_on_the_fly=on_the_fly, partitions={str(d): n for d, n in partitions.items()},
         errors_by_reason=dict(Counter(f"{s}:{c}" for s, c in zip(errors.column("stage").to_pylist(),
                                                                   errors.column("error_class").to_pylist()))),
-        rows_unaccounted=len(set(todo.column("video_id").to_pylist()) - scored_ids - error_ids),
+        rows_unaccounted=pc.count_distinct(unaccounted, mode="all").as_py(),
         seconds=seconds, rows_per_s=todo.num_rows / seconds if seconds > 0 else 0.0, counters=counters)
     publish.write_run_summary(args.output, run_id, asdict(summary))
     publish.remove_staging(staging)

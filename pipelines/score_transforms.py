@@ -118,8 +118,17 @@ class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
                     metadata[b"popcast.shapes"] = json.dumps(layout.sequences).encode()
                 metadata.setdefault(b"popcast.featurizer", layout.featurizer.encode())
                 tables[modality] = feature_table_from_arrow(table, modality, metadata)
-            predictions = model.predict(joined.catalog, tables, self._horizon_days)
-            yield PredictionResult(joined, self._attach(joined.catalog, predictions, model))
+            yield PredictionResult(joined, self._attach(joined.catalog, self._predict(joined.catalog, tables, model),
+                                                        model))
+
+    def _predict(self, catalog: pa.Table, tables: dict, model) -> dict[str, np.ndarray]:
+        """model.predict at a fixed horizon, with the whole shard as one batch: predict's 4096-row batches
+        each re-join the shard's feature tables (a polars hash join per batch) and run smaller GEMMs."""
+        from model.artifact import quantiles_to_counts
+        from model.data import MIN_AGE_DAYS, log_age
+        n = catalog.num_rows
+        ages = np.full(n, max(float(self._horizon_days), MIN_AGE_DAYS))
+        return quantiles_to_counts(model.predict_log(catalog, tables, log_age(ages), batch_size=max(n, 1)))
 
     def _attach(self, catalog: pa.Table, predictions: dict[str, np.ndarray], model) -> pa.Table:
         n = catalog.num_rows
@@ -129,11 +138,13 @@ class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
                 continue
             if f.name in predictions:
                 columns[f.name] = pa.array(predictions[f.name], f.type)
-        columns["horizon_days"] = pa.array(np.full(n, self._horizon_days), pa.float64())
-        columns["model_version"] = pa.array([model.version] * n, pa.string())
-        columns["featurizer_versions"] = pa.array([",".join(sorted(model.featurizers.values()))] * n, pa.string())
-        columns["scored_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
-        columns["run_id"] = pa.array([self._run_id] * n, pa.string())
+        # Constant columns are built by Arrow (pa.repeat), not from n-element Python lists.
+        columns["horizon_days"] = pa.array(np.full(n, self._horizon_days, dtype=np.float64), pa.float64())
+        columns["model_version"] = pa.repeat(pa.scalar(model.version, pa.string()), n)
+        columns["featurizer_versions"] = pa.repeat(
+            pa.scalar(",".join(sorted(model.featurizers.values())), pa.string()), n)
+        columns["scored_at"] = pa.repeat(pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC")), n)
+        columns["run_id"] = pa.repeat(pa.scalar(self._run_id, pa.string()), n)
         return pa.Table.from_pydict({f.name: columns[f.name] for f in self._schema}, schema=self._schema)
 
     def batch_elements_kwargs(self):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import apache_beam as beam
@@ -16,7 +16,7 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.metrics import Metrics
 
-from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
+from pipelines.contracts import FeatureSpec
 
 NAMESPACE = "popcast"
 ERRORS_TAG = "errors"
@@ -46,7 +46,6 @@ class FeaturizeConfig:
     max_pixels: int = 4096 * 4096
     max_decode_s: float = 120.0
     run_id: str = ""
-    reference_time: str | None = None    # ISO time that ages are computed against (meta)
     yamnet: bool = True
 
     def limits(self):
@@ -172,9 +171,11 @@ class ReadAndDecode(beam.DoFn):
             yield beam.pvalue.TaggedOutput("undecoded", row)
             return
         try:
+            # Audio is decoded only for rows that need audio features (0 s skips it; has_audio stays a fact).
+            audio_seconds = self._config.audio_seconds if "audio" in row.get("_needs", ("audio",)) else 0.0
             decoded = decode_video(data, frames=self._config.frames, sampling=self._config.frame_sampling,
                                    size=self._config.frame_size, limits=self._config.limits(),
-                                   audio_seconds=self._config.audio_seconds)
+                                   audio_seconds=audio_seconds)
         except DecodeError as err:
             self._failed.inc()
             stage = "limits" if err.reason.startswith("max_") or err.reason == "decode_timeout" else "decode"

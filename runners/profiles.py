@@ -1,7 +1,27 @@
-"""Named runner profiles that expand to Beam pipeline options; explicit Beam flags win over a profile."""
+"""Named runner profiles that expand to Beam pipeline options; explicit Beam flags win over a profile.
+
+    direct      in-process FnApiRunner (tests, small catalogs)
+    local       DirectRunner multi_processing, one SDK worker process per core
+    portable    Beam's Python job service (`python -m apache_beam.runners.portability.local_job_service_main
+                --port 8099`), SDK workers LOOPBACK
+    spark       Beam's Spark job server on localhost:8199 submitting to the Spark standalone master
+                spark://127.0.0.1:7077 (`make cluster-up`), SDK workers LOOPBACK
+    flink       Beam's Flink job server on localhost:8299 with its embedded Flink cluster, SDK workers LOOPBACK
+    dataflow    Google Cloud Dataflow; needs --project, --region, --temp_location; ships the code with
+                setup.py; pass --sdk_container_image=IMAGE for the custom worker container (deploy/Dockerfile)
+    dataflow-gpu  dataflow + one NVIDIA L4 per worker (G2 machine type, driver installed by Dataflow)
+
+For a remote Spark/Flink job server or an EXTERNAL worker pool, override the profile's flags, e.g.
+`--job_endpoint=jobserver:8099 --environment_type=EXTERNAL --environment_config=localhost:50000`.
+"""
 from __future__ import annotations
 
 import os
+
+SPARK_JOB_ENDPOINT = "localhost:8199"
+FLINK_JOB_ENDPOINT = "localhost:8299"
+# One NVIDIA L4 per worker; Dataflow installs the driver. L4 GPUs need G2 machine types.
+DATAFLOW_GPU_SERVICE_OPTION = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
 
 PROFILES: dict[str, list[str]] = {
     # In-process FnApiRunner: named explicitly so the DirectRunner does not try to download Prism.
@@ -11,16 +31,34 @@ PROFILES: dict[str, list[str]] = {
               f"--direct_num_workers={max(2, os.cpu_count() or 2)}"],
     # Beam's portable job service on this machine, SDK workers in this process.
     "portable": ["--runner=PortableRunner", "--job_endpoint=localhost:8099", "--environment_type=LOOPBACK"],
-    # Spark / Flink job servers started by the cluster scripts (see README "Runner profiles").
-    "spark": ["--runner=PortableRunner", "--job_endpoint=localhost:8099", "--environment_type=LOOPBACK"],
-    "flink": ["--runner=FlinkRunner", "--flink_master=[auto]", "--environment_type=LOOPBACK"],
-    # Dataflow: project/region/temp_location come from the user's flags.
-    "dataflow": ["--runner=DataflowRunner", "--setup_file=./setup.py", "--save_main_session"],
+    # Job servers started by `python -m runners.clusters.local up` (make cluster-up). PortableRunner, not
+    # SparkRunner/FlinkRunner: those would try to download and start a job-server jar themselves.
+    "spark": ["--runner=PortableRunner", f"--job_endpoint={SPARK_JOB_ENDPOINT}", "--environment_type=LOOPBACK"],
+    "flink": ["--runner=PortableRunner", f"--job_endpoint={FLINK_JOB_ENDPOINT}", "--environment_type=LOOPBACK",
+              "--parallelism=2"],
+    # Dataflow: project/region/temp_location come from the user's flags (checked in expand()).
+    "dataflow": ["--runner=DataflowRunner", "--setup_file=./setup.py", "--save_main_session",
+                 "--experiments=use_runner_v2"],
+    "dataflow-gpu": ["--runner=DataflowRunner", "--setup_file=./setup.py", "--save_main_session",
+                     "--experiments=use_runner_v2", "--machine_type=g2-standard-4",
+                     f"--dataflow_service_options={DATAFLOW_GPU_SERVICE_OPTION}"],
 }
+DATAFLOW_REQUIRED = ("project", "region", "temp_location")
 
 
 def _flag_name(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("-")
+
+
+def _spark_staging(given: set[str]) -> list[str]:
+    """With the job server assembled from Beam's runner jars (runners/clusters/local.py), stage only the
+    runner jar to the executors (they get the rest on their classpath). Without this the Spark runner
+    stages its whole JVM classpath, Spark's own 250 jars included (~400 MB per executor per job)."""
+    if "files_to_stage" in given or "file_to_stage" in given:
+        return []
+    from runners.clusters.local import spark_runner_jar
+    jar = spark_runner_jar()
+    return [f"--files_to_stage={jar}"] if jar else []
 
 
 def expand(profile: str | None, beam_args: list[str]) -> list[str]:
@@ -30,4 +68,12 @@ def expand(profile: str | None, beam_args: list[str]) -> list[str]:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     given = {_flag_name(a) for a in beam_args if a.startswith("--")}
-    return [a for a in PROFILES[profile] if _flag_name(a) not in given] + list(beam_args)
+    options = [a for a in PROFILES[profile] if _flag_name(a) not in given]
+    if profile.startswith("dataflow"):
+        missing = [name for name in DATAFLOW_REQUIRED if name not in given]
+        if missing:
+            raise ValueError(f"profile {profile} needs {', '.join('--' + m for m in missing)} "
+                             f"(e.g. --project=my-project --region=us-central1 --temp_location=gs://bucket/tmp)")
+    if profile == "spark":
+        options += _spark_staging(given)
+    return options + list(beam_args)

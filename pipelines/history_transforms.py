@@ -1,0 +1,184 @@
+"""Beam side of creator-history features: catalog rows keyed by author_id → GroupByKey → per-author
+computation (featurizers.history) → feature rows; plus where featurize keeps the age curve for scoring.
+
+The age curve is fitted in the driver (a few numbers) and travels as a parameter, so every worker
+normalises ages identically; the per-author step is the vectorised featurizer run on one author's rows.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Iterable, Mapping
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from featurizers.history import (QUERY_COLUMNS, SOURCE_COLUMNS, AgeCurve, author_history_rows,
+                                 curve_from_spec_config, fit_age_curve, history_spec, no_history_row)
+from pipelines import publish, storage
+from pipelines.contracts import FeatureSpec
+
+NAMESPACE = "popcast"
+QUERY, SOURCE, BOTH = "q", "s", "qs"
+
+
+def _slim(row: Mapping, columns: tuple[str, ...]) -> dict:
+    """Only the columns history needs cross the shuffle (captions and hashtags would only cost bytes)."""
+    return {c: row.get(c) for c in columns}
+
+
+def author_bucket(author_id: str, buckets: int) -> int:
+    """A stable bucket per author (crc32: Python's hash() differs between worker processes)."""
+    return zlib.crc32(author_id.encode()) % buckets
+
+
+def _tag(row: Mapping, tag: str, buckets: int):
+    columns = QUERY_COLUMNS if tag == QUERY else SOURCE_COLUMNS
+    author = row.get("author_id")
+    return (None if author is None else author_bucket(author, buckets)), (tag, _slim(row, columns))
+
+
+def _bucket_rows(keyed: tuple[int, Iterable[tuple[str, dict]]], curve_json: dict):
+    """One bucket's tagged rows (every row of each of its authors) → the feature rows of its query rows."""
+    _bucket, tagged = keyed
+    query, source = [], []
+    for tag, row in tagged:
+        if tag in (QUERY, BOTH):
+            query.append(row)
+        if tag in (SOURCE, BOTH):
+            source.append(row)
+    if query:
+        yield from author_history_rows(query, source, AgeCurve.from_json(curve_json))
+
+
+class _CountRows(beam.DoFn):
+    def __init__(self, name: str):
+        self._counter = Metrics.counter(NAMESPACE, name)
+
+    def process(self, row):
+        self._counter.inc()
+        yield row
+
+
+class CreatorHistory(beam.PTransform):
+    """Catalog row dicts → history feature row dicts (one per query row), grouped by author_id.
+
+    Apply to one PCollection (each row is both a query and part of the history source: featurize) or to
+    {"query": rows_to_score, "source": history_rows} (score). Source video_ids must be unique
+    (featurizers.history.combine_sources). Query rows without author_id get the explicit no-history row.
+
+    The GroupByKey is on a stable bucket of author_id (crc32 mod `buckets`), so every row of an author meets
+    in one group and each group is computed by the vectorised featurizer: grouping by the bare author id
+    would cost one small-table computation (~10 ms) per author, hours for a million creators.
+    """
+
+    def __init__(self, curve: AgeCurve, run_id: str = "", buckets: int = 256):
+        super().__init__()
+        self._curve_json = curve.to_json()   # plain JSON travels to workers without pickling surprises
+        self._run_id = run_id
+        self._buckets = buckets
+
+    def expand(self, rows):
+        buckets = self._buckets
+        if isinstance(rows, Mapping):
+            tagged = ((rows["query"] | "TagQuery" >> beam.Map(_tag, QUERY, buckets),
+                       rows["source"] | "TagSource" >> beam.Map(_tag, SOURCE, buckets))
+                      | "AllTagged" >> beam.Flatten())
+        else:
+            tagged = rows | "TagRows" >> beam.Map(_tag, BOTH, buckets)
+        curve_json = self._curve_json
+        with_author = tagged | "WithAuthor" >> beam.Filter(lambda kv: kv[0] is not None)
+        without_author = (tagged
+                          | "WithoutAuthor" >> beam.Filter(lambda kv: kv[0] is None and kv[1][0] != SOURCE)
+                          | "NoHistory" >> beam.Map(lambda kv: no_history_row(
+                              kv[1][1]["video_id"], AgeCurve.from_json(curve_json))))
+        per_author = (with_author
+                      | "GroupByAuthorBucket" >> beam.GroupByKey()
+                      | "PerAuthorHistory" >> beam.FlatMap(_bucket_rows, curve_json))
+        return ((per_author, without_author)
+                | "HistoryRows" >> beam.Flatten()
+                | "CountHistory" >> beam.ParDo(_CountRows("history_ok")))
+
+
+# ---------------------------------------------------------------- the curve, driver side
+
+def curves_dir(features_dir: str) -> str:
+    # "_" keeps it out of the feature readers (they skip _ and . names).
+    return storage.join(features_dir, "history", "_curves")
+
+
+def prepare_history(catalog: pa.Table, features_dir: str) -> FeatureSpec:
+    """Fit the age curve on the catalog's labelled rows, keep it beside the features, return the spec.
+
+    The curve is kept as DIR/history/_curves/<featurizer id>.json: scoring needs the very curve a model
+    was trained with, even after a later featurize run refitted it on more labels.
+    """
+    spec = history_spec(fit_age_curve(catalog))
+    storage.write_bytes(storage.join(curves_dir(features_dir), f"{spec.featurizer_id}.json"),
+                        json.dumps(spec.config, indent=1, sort_keys=True).encode())
+    return spec
+
+
+def find_history_spec(features_dir: str, featurizer_id: str) -> FeatureSpec:
+    """The history spec (with its age curve) of the given featurizer version, from the features dir."""
+    path = storage.join(curves_dir(features_dir), f"{featurizer_id}.json")
+    fs, root = storage.filesystem_and_path(path)
+    config = None
+    if fs.get_file_info(root).type.name == "File":
+        with fs.open_input_stream(root) as handle:
+            config = json.loads(handle.read())
+    else:   # older layouts: the curve is also in each history file's schema metadata
+        for file in publish.parquet_files(storage.join(features_dir, "history")):
+            metadata = pq.read_schema(file, filesystem=fs).metadata or {}
+            if metadata.get(b"popcast.featurizer", b"").decode() == featurizer_id:
+                config = json.loads(metadata[b"popcast.config"])
+                break
+    if config is None:
+        raise FileNotFoundError(f"the model uses history features '{featurizer_id}' but their age curve is not "
+                                f"under {features_dir}/history (run `popcast featurize --modalities ...,history` "
+                                "on the training catalog into that features directory)")
+    spec = history_spec(curve_from_spec_config(config))
+    if spec.featurizer_id != featurizer_id:
+        raise ValueError(f"age curve at {path} hashes to '{spec.featurizer_id}', not '{featurizer_id}'")
+    return spec
+
+
+# ---------------------------------------------------------------- scoring
+
+def stage_history_inputs(catalog: pa.Table, todo: pa.Table, history_path: str | None, features_dir: str,
+                         featurizer_id: str, staging: str) -> tuple[str, str, FeatureSpec]:
+    """Write the score job's history query rows (the rows being scored) and history source rows (the whole
+    catalog being scored, plus --history: an earlier catalog or scored table) under staging/_input/.
+
+    Returns (query path, source path, the model's history spec with its age curve). The same strictly-
+    earlier rule applies as in featurize, relative to each scored video's publish time.
+    """
+    from featurizers.history import combine_sources
+    from pipelines.catalog import read_catalog
+
+    spec = find_history_spec(features_dir, featurizer_id)
+    sources = [catalog]
+    if history_path:
+        sources.append(read_catalog(history_path))   # a scored table is a catalog plus prediction columns
+    query_path = storage.join(staging, "_input", "history_query.parquet")
+    source_path = storage.join(staging, "_input", "history_source.parquet")
+    publish.write_table(todo.select(list(QUERY_COLUMNS)), query_path)
+    publish.write_table(combine_sources(*sources), source_path)
+    return query_path, source_path, spec
+
+
+def history_side(pipeline, query_path: str, source_path: str, spec: FeatureSpec, run_id: str, shards: int):
+    """The score job's history features, as of scoring, as (shard, ("history", table)) for its join."""
+    from apache_beam.io.parquetio import ReadFromParquet
+
+    from pipelines.score_transforms import shard_tables
+    from pipelines.transforms import ToArrowTables
+
+    rows = {"query": pipeline | "ReadHistoryQuery" >> ReadFromParquet(query_path),
+            "source": pipeline | "ReadHistorySource" >> ReadFromParquet(source_path)}
+    return (rows
+            | "CreatorHistory" >> CreatorHistory(curve_from_spec_config(spec.config), run_id)
+            | "HistoryToArrow" >> ToArrowTables(spec.schema())
+            | "ShardHistory" >> beam.FlatMap(shard_tables, shards, "history"))
