@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export NO_GCE_CHECK := true
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench clean cluster-up cluster-down test-cluster
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,7 +31,22 @@ test: $(STAMP)
 	exit $$status
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow tests --ignore=tests/test_cluster.py
+
+# Local Spark standalone cluster (pyspark's Spark, Java 17) + Beam Spark/Flink job servers on loopback.
+$(VENV)/.popcast-cluster: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[cluster]"
+	$(PY) -m runners.clusters.local fetch
+	touch $@
+
+cluster-up: $(VENV)/.popcast-cluster
+	$(PY) -m runners.clusters.local up all
+
+cluster-down:
+	$(PY) -m runners.clusters.local down all
+
+test-cluster: $(VENV)/.popcast-cluster
+	$(PY) -m pytest -q -s -m slow tests/test_cluster.py
 
 bench: $(STAMP)
 	$(PY) -m bench.featurize

@@ -33,6 +33,8 @@ EXTRAS_REQUIRE = {
         "gcp-storage-emulator>=2024.8",
         "pyiceberg[sql-sqlite,pyarrow]>=0.9",
     ],
+    # `make test-cluster`: Spark 3.5 / Scala 2.12, as Beam's Spark 3 runner expects.
+    "cluster": ["pyspark==3.5.9"],
 }
 
 setup(

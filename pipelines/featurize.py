@@ -1,7 +1,7 @@
 """Featurize job: catalog → decoded frames/audio + captions + metadata → one Parquet dataset per modality.
 
     popcast featurize --catalog PATH --output DIR [--modalities visual,audio,text,meta] [--frames 16]
-                      [--frame-sampling keyframe|exact] [--force] [--profile direct|local|...] [Beam options]
+                      [--frame-sampling keyframe|reference|exact] [--force] [--profile direct|local|...] [Beam options]
 
 Each run writes under DIR/_staging/<run_id>/ and publishes into DIR/<modality>/ and DIR/_errors/ only
 after the pipeline succeeded; a re-run skips video_ids already featurized by the same featurizer version.
@@ -37,8 +37,10 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--modalities", default=",".join(ALL_MODALITIES),
                         help="comma-separated subset of visual,audio,text,meta,history (history: opt-in)")
     parser.add_argument("--frames", type=int, default=16, help="frames per video (K)")
-    parser.add_argument("--frame-sampling", choices=("keyframe", "exact"), default="keyframe",
-                        help="keyframe: keyframes nearest K uniform positions (cheap); exact: frame-accurate")
+    parser.add_argument("--frame-sampling", choices=("keyframe", "reference", "exact"), default="keyframe",
+                        help="keyframe: keyframes nearest K uniform positions, falling back to 'reference' "
+                             "when keyframes are sparse; reference: one pass decoding only reference (I/P) "
+                             "frames, converting only the K kept; exact: frame-accurate")
     parser.add_argument("--frame-size", type=int, default=224, help="square frame size the decoder resizes to")
     parser.add_argument("--audio-seconds", type=float, default=30.0, help="audio decoded per video (cap)")
     parser.add_argument("--visual-model", default=None,

@@ -197,10 +197,10 @@ def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, s
     scored, days = (_rows_by_day_and_id(staged) if catalog is None
                     else _catalog_rows_by_day(staged, catalog, schema))
     dictionary = dictionary_columns(schema)
+    ordinals = np.array([(day - _EPOCH_DAY).days for day in dates], dtype=days.dtype)
+    starts, stops = np.searchsorted(days, ordinals, "left"), np.searchsorted(days, ordinals, "right")
     counts = {}
-    for day in dates:
-        ordinal = (day - _EPOCH_DAY).days
-        lo, hi = np.searchsorted(days, ordinal, "left"), np.searchsorted(days, ordinal, "right")
+    for day, lo, hi in zip(dates, starts.tolist(), stops.tolist()):
         rows = scored.slice(lo, hi - lo)
         ready_uri = storage.join(output, "_staging", run_id, "partitions", f"dt={day}")
         _, ready = storage.filesystem_and_path(ready_uri)
@@ -277,9 +277,12 @@ def partition_ids(output: str, dates: list, run_id: str) -> list[str]:
 
 def partition_id_array(output: str, dates: list) -> pa.Array:
     """The video_ids now published in the given dates' partitions, as one Arrow array."""
-    parts = [t.column("video_id") for t in (read_columns(_partition_dir(output, day), ["video_id"])
-                                             for day in dates) if t is not None]
-    return pa.chunked_array(parts, pa.string()).combine_chunks() if parts else pa.array([], pa.string())
+    files = [f for day in dates for f in parquet_files(_partition_dir(output, day))]
+    if not files:
+        return pa.array([], pa.string())
+    fs, _ = storage.filesystem_and_path(output)
+    table = ds.dataset(files, filesystem=fs, format="parquet").to_table(columns=["video_id"])
+    return table.column("video_id").combine_chunks()
 
 
 def publish_errors(staging: str, output: str, run_id: str) -> pa.Table:
