@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipelines.contracts import TARGETS, FeatureSpec
 
-HISTORY_NAME, HISTORY_VERSION = "creator_history", "1"
+HISTORY_NAME, HISTORY_VERSION = "creator_history", "2"
 TREND_K = 3                       # trend = mean of the last K earlier labels − mean of those before them
 MIN_AGE_DAYS = 1.0 / 24.0         # same floor as the model: younger observations carry no usable age
 CURVE_DEGREE = 2
@@ -39,7 +39,8 @@ US_PER_DAY = 86_400 * 1_000_000
 QUERY_COLUMNS: tuple[str, ...] = ("video_id", "author_id", "publish_time")
 SOURCE_COLUMNS: tuple[str, ...] = QUERY_COLUMNS + ("observed_at",) + TARGETS
 
-PER_TARGET_STATS: tuple[str, ...] = ("resid_mean", "resid_median", "resid_last", "resid_trend")
+PER_TARGET_STATS: tuple[str, ...] = ("resid_mean", "resid_median", "resid_last", "resid_trend", "resid_std",
+                                     "resid_max", "zero_share")
 HISTORY_SCALARS: tuple[tuple[str, pa.DataType], ...] = (
     ("has_history", pa.int8()),                  # 1 = at least one earlier labelled video of the author
     ("n_earlier_videos", pa.int32()),            # earlier source videos (labelled or not)
@@ -188,6 +189,7 @@ def combine_sources(*tables: pa.Table) -> pa.Table:
 
 
 FIXED_POINT = 1e9   # residual sums in int64 nano-units: exact, so sums never depend on how rows are grouped
+FIXED_POINT_SQUARES = 1e8   # squares (< ~400 each) in 1e-8 units: 1e8 rows still fit in int64
 
 
 @dataclass
@@ -227,31 +229,41 @@ def _take(values: np.ndarray, idx: np.ndarray, fill: float = np.nan) -> np.ndarr
     return out
 
 
-def _target_stats(stream: _Stream, residuals: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean, median, last and trend of the residuals up to each idx (NaN where idx = -1)."""
+def _own_cumsum(values: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Cumulative sum restarting at each author's first row (int64 in, exact)."""
+    cum = np.cumsum(values)
+    return cum - np.where(start > 0, cum[np.maximum(start - 1, 0)], 0)
+
+
+def _target_stats(stream: _Stream, residuals: np.ndarray, zero: np.ndarray, idx: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Statistics of the residuals up to each idx (NaN where idx = -1); `zero` flags counts of 0."""
     if len(residuals) == 0:
-        nan = np.full(len(idx), np.nan)
-        return {"resid_mean": nan, "resid_median": nan.copy(), "resid_last": nan.copy(), "resid_trend": nan.copy()}
-    fixed = np.rint(residuals * FIXED_POINT).astype(np.int64)
-    cum = np.cumsum(fixed)
-    before_author = np.where(stream.start > 0, cum[np.maximum(stream.start - 1, 0)], 0)
-    own_cum = cum - before_author                                # per-author cumulative sum, exact
-    count = np.arange(len(residuals)) - stream.start + 1
-    lag = np.arange(len(residuals)) - TREND_K
+        return {name: np.full(len(idx), np.nan) for name in PER_TARGET_STATS}
+    rows = np.arange(len(residuals))
+    own_cum = _own_cumsum(np.rint(residuals * FIXED_POINT).astype(np.int64), stream.start)
+    own_sq = _own_cumsum(np.rint(residuals ** 2 * FIXED_POINT_SQUARES).astype(np.int64), stream.start)
+    own_zero = _own_cumsum(zero.astype(np.int64), stream.start)
+    count = rows - stream.start + 1
+    lag = rows - TREND_K
     lag_cum = np.where(lag >= stream.start, own_cum[np.maximum(lag, 0)], 0)
     window = int(np.bincount(stream.author - stream.author.min()).max())
+    frame = pl.DataFrame({"a": stream.author, "r": residuals})
     # An expanding median: a rolling window as long as the longest author history is exact.
-    median = (pl.DataFrame({"a": stream.author, "r": residuals})
-              .select(pl.col("r").rolling_median(window_size=window, min_samples=1).over("a"))
-              .get_column("r").to_numpy())
+    expanding = frame.select(pl.col("r").rolling_median(window_size=window, min_samples=1).over("a").alias("med"),
+                             pl.col("r").cum_max().over("a").alias("max"))
     c = _take(count, idx)
     s = _take(own_cum, idx) / FIXED_POINT
     last_k = _take(own_cum - lag_cum, idx) / FIXED_POINT
     with np.errstate(invalid="ignore", divide="ignore"):
-        trend = np.where(c > TREND_K, last_k / TREND_K - (s - last_k) / (c - TREND_K), np.nan)
         mean = s / c
-    return {"resid_mean": mean, "resid_median": _take(median, idx), "resid_last": _take(residuals, idx),
-            "resid_trend": trend}
+        variance = np.maximum(_take(own_sq, idx) / FIXED_POINT_SQUARES / c - mean ** 2, 0.0)
+        return {"resid_mean": mean, "resid_median": _take(expanding.get_column("med").to_numpy(), idx),
+                "resid_last": _take(residuals, idx),
+                "resid_trend": np.where(c > TREND_K, last_k / TREND_K - (s - last_k) / (c - TREND_K), np.nan),
+                "resid_std": np.where(c > 1, np.sqrt(variance), np.nan),
+                "resid_max": _take(expanding.get_column("max").to_numpy(), idx),
+                "zero_share": _take(own_zero, idx) / c}
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -307,7 +319,8 @@ def history_features(query: pa.Table, source: pa.Table, curve: AgeCurve) -> pa.T
         known = np.isfinite(residual)
         stream = _stream(known, s_keys, s_author, s_t)
         # Statistics without history stay NaN (never 0): the model turns NaN into a "missing" flag.
-        stats = _target_stats(stream, residual[known], before(stream))
+        zero = src.get_column(f"_log_{target}").to_numpy()[order][known] == 0.0
+        stats = _target_stats(stream, residual[known], zero, before(stream))
         columns.update({f"{target}_{name}": values for name, values in stats.items()})
     out = {"video_id": q.get_column("video_id").to_arrow().cast(pa.string()),
            "featurizer": pa.array([spec.featurizer_id] * n_q, pa.string())}

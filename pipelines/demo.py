@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print_metrics(result)
     print_top_videos(paths["scored"])
     print("\noutputs:")
+    paths["report"] = os.path.join(paths["report"], "index.html")
     for name, path in paths.items():
         print(f"  {name:<9} {path}")
-    print(f"  {'report':<9} {os.path.join(paths['report'], 'index.html')}")
     print(f"\ndemo finished in {time.time() - started:.0f} s "
           f"({summary.rows_in} videos featurized, {scored_summary.rows_scored} rows scored)")
     return 0 if summary.rows_unaccounted == 0 and scored_summary.rows_unaccounted == 0 else 3
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_metrics(result: dict) -> None:
     print("\ntest-set MAE on log1p(count) (lower is better):")
-    header = f"  {'model':<22}" + "".join(f"{t:>10}" for t in TARGETS)
+    header = f"  {'':<22}" + "".join(f"{t:>10}" for t in TARGETS)
     print(header)
     for name, metrics in result.get("test", {}).items():
         if isinstance(metrics, dict) and all(t in metrics for t in TARGETS):

@@ -52,7 +52,8 @@ def random_catalog(n: int, seed: int, authors: int = 6) -> list[dict]:
     for i in range(n):
         author = None if rng.random() < 0.08 else f"a{rng.integers(authors)}"
         hours = float(rng.integers(0, 40))                 # few instants: many ties
-        labels = {t: (None if rng.random() < 0.2 else int(rng.integers(0, 10_000))) for t in TARGETS}
+        labels = {t: (None if rng.random() < 0.2 else int(rng.integers(0, 10_000)) * int(rng.random() < 0.8))
+                  for t in TARGETS}
         observed = None if rng.random() < 0.05 else OBSERVED - timedelta(days=float(rng.integers(0, 100)))
         rows.append(row(f"v{i:03d}", author, hours, observed=observed, **labels))
     return rows
@@ -86,6 +87,10 @@ def reference(rows: list[dict], curve: AgeCurve) -> dict[str, dict]:
             f[f"{target}_resid_last"] = values[-1] if values else math.nan
             f[f"{target}_resid_trend"] = (statistics.fmean(values[-TREND_K:]) - statistics.fmean(values[:-TREND_K])
                                           if len(values) > TREND_K else math.nan)
+            f[f"{target}_resid_std"] = statistics.pstdev(values) if len(values) > 1 else math.nan
+            f[f"{target}_resid_max"] = max(values) if values else math.nan
+            zeros = [r[target] == 0 for r in earlier if residual(r, target) is not None]
+            f[f"{target}_zero_share"] = sum(zeros) / len(zeros) if zeros else math.nan
         out[q["video_id"]] = f
     return out
 
@@ -97,7 +102,7 @@ def test_vectorised_matches_brute_force_reference(seed):
     assert set(got) == set(want)
     for vid, expected in want.items():
         for name in HISTORY_FEATURE_NAMES:
-            assert got[vid][name] == pytest.approx(expected[name], abs=1e-7, nan_ok=True), (vid, name)
+            assert got[vid][name] == pytest.approx(expected[name], abs=1e-5, nan_ok=True), (vid, name)
     assert any(f["has_history"] for f in want.values()) and not all(f["has_history"] for f in want.values())
     assert any(math.isfinite(f["views_resid_trend"]) for f in want.values())
 
@@ -202,7 +207,7 @@ def test_age_curve_fit_and_version():
     curve = fit_age_curve(table(rows))
     assert curve.predict("views", np.array([30.0]))[0] == pytest.approx(4.0 + 1.5 * np.log1p(30.0), abs=0.05)
     spec = history_spec(curve)
-    assert spec.featurizer_id.startswith("creator_history@1.") and spec.config["age_curve"]["coefficients"]
+    assert spec.featurizer_id.startswith("creator_history@2.") and spec.config["age_curve"]["coefficients"]
     assert AgeCurve.from_json(curve.to_json()) == curve
     other = fit_age_curve(table(rows[:200]))
     assert history_spec(other).featurizer_id != spec.featurizer_id   # the curve is part of the version
