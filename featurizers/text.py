@@ -80,11 +80,6 @@ def tokenize(text: str | None) -> list[str]:
     return tokens
 
 
-def count_hashtags(title: str | None, hashtags: Iterable[str] | None) -> int:
-    """Number of distinct hashtags in the caption and the hashtag list together."""
-    return sum(1 for token in set(tokenize(caption_text(title, hashtags))) if token[0] == "#")
-
-
 # ---------------------------------------------------------------------------------------------
 # Feature hashing
 # ---------------------------------------------------------------------------------------------

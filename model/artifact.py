@@ -159,7 +159,3 @@ def load_model(model_dir: str, device: str = "cpu") -> LoadedModel:
         net.to(device).eval()
     layouts = {k: ModalityLayout.from_json(config["layouts"][k]) for k in sorted(config["layouts"])}
     return LoadedModel(config=config, networks=networks, layouts=layouts, device=device)
-
-
-def network_config_json(cfg: NetworkConfig) -> dict:
-    return asdict(cfg)

@@ -418,7 +418,3 @@ def check_featurizers(layouts: dict[str, ModalityLayout], tables: dict[str, Feat
             raise FeatureVersionError(
                 f"modality '{name}': features were made by '{table.featurizer}' but the model was trained on "
                 f"'{layout.featurizer}'; re-featurize with '{layout.featurizer}' or retrain the model")
-
-
-def finite_or(value: float, default: float) -> float:
-    return value if math.isfinite(value) else default

@@ -266,15 +266,6 @@ def _swap_directory(fs: pafs.FileSystem, ready: str, target: str, run_id: str) -
     fs.delete_dir(ready)
 
 
-def partition_ids(output: str, dates: list, run_id: str) -> list[str]:
-    ids: list[str] = []
-    for day in dates:
-        table = read_columns(_partition_dir(output, day), ["video_id"])
-        if table is not None:
-            ids += table.column("video_id").to_pylist()
-    return ids
-
-
 def partition_id_array(output: str, dates: list) -> pa.Array:
     """The video_ids now published in the given dates' partitions, as one Arrow array."""
     files = [f for day in dates for f in parquet_files(_partition_dir(output, day))]
