@@ -156,7 +156,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.transforms import feature_specs
+    from pipelines.transforms import feature_specs, popcast_counters
     from runners.profiles import expand
 
     args, beam_args = parse_known_args(argv)
@@ -184,7 +184,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
         build_pipeline(pipeline, input_path, staging, config, specs, todo.num_rows)
         result = pipeline.run()
         result.wait_until_finish()
-        counters = _counters(result)
+        counters = popcast_counters(result)
     seconds = time.time() - start
 
     published = publish.publish_features(staging, args.output, [m for m in specs if m != "history"], run_id,
@@ -210,19 +210,6 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     for line in summary.lines():
         print(line)
     return summary
-
-
-def _counters(result) -> dict[str, int]:
-    try:
-        metrics = result.metrics().query()
-    except Exception:  # some runners cannot report metrics
-        return {}
-    totals: dict[str, int] = {}
-    for counter in metrics.get("counters", []):
-        if counter.key.metric.namespace.startswith("popcast"):
-            name = counter.key.metric.name
-            totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
-    return totals
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -287,8 +287,8 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
                        history=history)
         result = pipeline.run()
         result.wait_until_finish()
-        from pipelines.featurize import _counters
-        counters = _counters(result)
+        from pipelines.transforms import popcast_counters
+        counters = popcast_counters(result)
     partitions = publish.publish_partitions(storage.join(staging, "scored"), args.output, dates, run_id,
                                             scored_schema, catalog=todo)
     errors = publish.publish_errors(staging, args.output, run_id)

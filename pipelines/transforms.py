@@ -426,3 +426,16 @@ class ToArrowTables(beam.PTransform):
                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._max_rows)
                 | "ToArrow" >> beam.Map(rows_to_table, self._schema))
 
+
+def popcast_counters(result) -> dict[str, int]:
+    """Totals of the popcast-namespace Beam counters of a finished pipeline ({} where unsupported)."""
+    try:
+        metrics = result.metrics().query()
+    except Exception:  # some runners cannot report metrics
+        return {}
+    totals: dict[str, int] = {}
+    for counter in metrics.get("counters", []):
+        if counter.key.metric.namespace.startswith("popcast"):
+            name = counter.key.metric.name
+            totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
+    return totals
