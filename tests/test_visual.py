@@ -93,6 +93,29 @@ def test_efficientnet_spec(efficientnet) -> None:
     assert json.loads(schema.metadata[b"popcast.config"])["normalization"] == "(x-127)/128"
 
 
+def test_efficientnet_onnxruntime_and_torch_runtimes_agree(efficientnet, two_frames_embedded, tmp_path,
+                                                           monkeypatch) -> None:
+    # The default CPU runtime is ONNX Runtime (4x faster); the TorchScript path must give the same
+    # features, so either can be used on either side of a train/score split.
+    assert efficientnet.runtime == "onnxruntime"
+    frames, embeddings = two_frames_embedded
+    scripted = EfficientNetLite0Embedder(device="cpu", runtime="torch")
+    assert scripted.runtime == "torch"
+    np.testing.assert_allclose(scripted.embed(frames), embeddings, rtol=1e-4, atol=1e-4)
+    # The exported graph is cached by key: a second embedder with the same weights reuses the file.
+    monkeypatch.setenv("POPCAST_MODEL_CACHE", str(tmp_path))
+    first = EfficientNetLite0Embedder(device="cpu")
+    cached = list(tmp_path.glob("onnx-*.onnx"))
+    assert len(cached) == 1 and not list(tmp_path.glob("*.partial"))
+    mtime = cached[0].stat().st_mtime_ns
+    second = EfficientNetLite0Embedder(device="cpu")
+    assert cached[0].stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(first.embed(frames[:1]), second.embed(frames[:1]))
+    assert json.loads(first.spec(4).schema().metadata[b"popcast.config"])["runtime"] == "onnxruntime"
+    with pytest.raises(ValueError):
+        EfficientNetLite0Embedder(device="cpu", runtime="tensorrt")
+
+
 def test_resolve_device() -> None:
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
