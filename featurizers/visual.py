@@ -372,8 +372,12 @@ def _onnx_session(module: torch.nn.Module, side: int, cache_key: str):
     import onnxruntime as ort
 
     path = model_cache_dir() / f"onnx-{cache_key}.onnx"
-    if not path.exists():
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:   # a read-only home on some workers: export to a private temporary directory
+        import tempfile
+        path = Path(tempfile.mkdtemp(prefix="popcast-onnx-")) / path.name
+    if not path.exists():
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         example = torch.zeros(2, 3, side, side)
         with warnings.catch_warnings():
@@ -386,4 +390,6 @@ def _onnx_session(module: torch.nn.Module, side: int, cache_key: str):
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads would otherwise spin after each batch, on the cores the decoder needs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

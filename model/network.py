@@ -32,10 +32,6 @@ class NetworkConfig:
     # (what trees do) is safer than an extrapolated curve. Set from the training rows by train().
     log_age_min: float | None = None
     log_age_max: float | None = None
-    # Modalities whose numeric inputs also reach every target's median through a direct linear term (a
-    # "wide" path beside the deep one). Creator history is nearly linear in the target — a creator's
-    # age-normalised mean log count — and the deep path alone under-uses it for known creators.
-    skip_modalities: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -149,16 +145,10 @@ class PopularityNet(nn.Module):
         self.age_curve = nn.Linear(age_dim, cfg.n_targets)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
-        # Zero-initialised, so that training starts from the deep path alone.
-        self.skips = nn.ModuleDict({name: nn.Linear(layouts[name].numeric_width, cfg.n_targets)
-                                    for name in cfg.skip_modalities if name in layouts})
-        for skip in self.skips.values():
-            nn.init.zeros_(skip.weight)
-            nn.init.zeros_(skip.bias)
 
     def forward(self, batch: Batch, drop_modalities: tuple[str, ...] = ()) -> torch.Tensor:
         """(B, T, 3) quantiles in normalised label units; monotone p10 ≤ p50 ≤ p90 by construction."""
-        tokens, masks, presents = [], [], {}
+        tokens, masks = [], []
         for j, name in enumerate(self.modality_names):
             inputs = batch.modalities[name]
             present = inputs.present
@@ -167,7 +157,6 @@ class PopularityNet(nn.Module):
             if self.training and self.cfg.modality_dropout > 0:
                 keep = torch.rand(present.shape, device=present.device) >= self.cfg.modality_dropout
                 present = present & keep
-            presents[name] = present
             token = self.encoders[name](inputs) + self.presence[j]
             tokens.append(torch.where(present.unsqueeze(1), token, torch.zeros((), dtype=token.dtype,
                                                                                device=token.device)))
@@ -182,16 +171,12 @@ class PopularityNet(nn.Module):
         h = h * (1 + gamma) + beta
         raw = self.head(h).view(-1, self.cfg.n_targets, 3).float()
         center = raw[..., 1] + self.age_curve(age).float()
-        for name, skip in self.skips.items():
-            wide = skip(batch.modalities[name].numeric).float()
-            center = center + torch.where(presents[name].unsqueeze(1), wide, torch.zeros_like(wide))
         low = center - F.softplus(raw[..., 0]) - 1e-3
         high = center + F.softplus(raw[..., 2]) + 1e-3
         return torch.stack([low, center, high], dim=-1)
 
 
-def pinball_loss(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                 quantile_weights: tuple[float, ...] | None = None) -> torch.Tensor:
+def pinball_loss(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean pinball loss over known labels only: a null label is skipped, never treated as zero.
 
     pred: (B, T, Q) quantiles; labels/mask: (B, T). Returns a scalar (0 if no label is known).
@@ -202,8 +187,4 @@ def pinball_loss(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     weight = mask.unsqueeze(-1).to(pred.dtype)
     # where() so that whatever sits in an unknown label slot cannot reach the gradient.
     loss = torch.where(weight > 0, loss, torch.zeros_like(loss))
-    if quantile_weights is not None:
-        # Normalised to mean 1, so the loss scale (and the learning rate) does not depend on them.
-        w = torch.tensor(quantile_weights, dtype=pred.dtype, device=pred.device)
-        loss = loss * (w / w.mean())
     return loss.sum() / (weight.sum() * len(QUANTILES)).clamp_min(1.0)

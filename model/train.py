@@ -43,8 +43,6 @@ class TrainingConfig:
     patience: int = 10
     ensemble_size: int = 5
     validation_fraction: float = 0.15
-    # Weights of the p10/p50/p90 pinball losses; a heavier median trades interval calibration for MAE.
-    quantile_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
 
 
@@ -125,7 +123,7 @@ def fit_network(net: PopularityNet, train_batch: Batch, val_batch: Batch | None,
                 group["lr"] = cfg.learning_rate * _lr_factor(epoch, step, steps, epochs, cfg.warmup_epochs)
             with _autocast(device):
                 pred = net(part)
-            loss = pinball_loss(pred.float(), part.labels, part.label_mask, cfg.quantile_weights)
+            loss = pinball_loss(pred.float(), part.labels, part.label_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)

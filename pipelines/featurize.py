@@ -54,6 +54,9 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--visual-batch-videos", type=int, default=4, help="videos per visual inference batch")
     parser.add_argument("--text-batch", type=int, default=64, help="captions per text inference batch")
+    parser.add_argument("--decode-parallelism", type=int, default=0,
+                        help="videos decoded at once per worker, one decoder thread each (0 = min(4, cores); "
+                             "1 where the runner runs one process per core)")
     parser.add_argument("--max-bytes", type=int, default=512 * 2**20, help="reject larger video files")
     parser.add_argument("--max-duration", type=float, default=600.0, help="reject longer videos (seconds)")
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="reject larger frames (w*h)")
@@ -107,7 +110,7 @@ def make_config(args: argparse.Namespace, run_id: str):
         text_model=args.text_model, device=device, visual_batch_videos=args.visual_batch_videos,
         text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
         max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
-        yamnet=not args.no_yamnet)
+        yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism)
 
 
 MEDIA_MODALITIES = ("visual", "audio")

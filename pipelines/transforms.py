@@ -6,7 +6,10 @@ PCollection of dead letters; every input row ends in features or in a dead lette
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -15,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.contracts import FeatureSpec
 
@@ -40,6 +44,10 @@ class FeaturizeConfig:
     text_model: str | None = None        # None = packaged all-MiniLM-L6-v2; else a dir / hub id / gs:// dir
     device: str = "cpu"
     visual_batch_videos: int = 4
+    # Videos decoded at once per worker (threads: PyAV and decord release the GIL); 0 = min(4, cores).
+    # One video keeps ~1.3 cores busy (P-frame chains decode serially), two keep ~1.9 busy, so the
+    # videos are decoded one decoder thread each. Use 1 where the runner already runs one process per core.
+    decode_parallelism: int = 0
     text_batch: int = 64
     max_bytes: int = 512 * 2**20
     max_duration_s: float = 600.0
@@ -134,7 +142,14 @@ class FeaturizerHandler(ModelHandler[Any, dict, Any]):
 # ---------------------------------------------------------------- DoFns
 
 class ReadAndDecode(beam.DoFn):
-    """Read a video's bytes through Beam FileSystems (local or gs://) and decode frames, audio and facts."""
+    """Read videos' bytes through Beam FileSystems (local or gs://) and decode frames, audio and facts.
+
+    Decodes up to `decode_parallelism` videos at once on a thread pool, one decoder thread each, keeping
+    twice that many rows in flight so that no thread waits for a slow video's neighbours; results leave
+    in arrival order, the rest at the end of the bundle. A row's outcome does not depend on the others.
+    Every row comes out either decoded, or as a dead letter plus an "undecoded" copy (so it still gets
+    text and meta).
+    """
 
     def __init__(self, config: FeaturizeConfig):
         self._config = config
@@ -142,55 +157,97 @@ class ReadAndDecode(beam.DoFn):
         self._failed = Metrics.counter(NAMESPACE, "videos_failed")
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
 
-    def process(self, row: dict):
-        from apache_beam.io.filesystems import FileSystems
-        from featurizers.decode import DecodeError, decode_video
+    def setup(self):
+        parallelism = self._config.decode_parallelism or min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(parallelism, thread_name_prefix="decode") if parallelism > 1 else None
+        # One video alone may use the decoders' own threads; several at once get one thread each.
+        self._decoder_threads = 1 if self._pool is not None else 0
+        self._max_in_flight = 2 * parallelism
 
-        video_id, uri = row["video_id"], row["video_uri"]
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        try:
-            matched = FileSystems.match([path])[0].metadata_list
-            if not matched:
-                raise FileNotFoundError(f"no such video: {uri}")
-            size = matched[0].size_in_bytes
-            if size > self._config.max_bytes:
-                raise DecodeError("max_bytes", f"{size} bytes exceeds max_bytes={self._config.max_bytes}")
-            with FileSystems.open(path, compression_type="uncompressed") as handle:
-                data = handle.read()
-            self._bytes.inc(len(data))
-        except DecodeError as err:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "limits", err.reason, str(err),
-                                                                 self._config.run_id))
-            yield beam.pvalue.TaggedOutput("undecoded", row)
+    def start_bundle(self):
+        self._in_flight: deque = deque()
+
+    def process(self, row: dict, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        if self._pool is None:
+            yield from self._outputs(row, self._read_and_decode(row))
             return
+        place = WindowedValue(None, timestamp, (window,))
+        self._in_flight.append((row, self._pool.submit(self._read_and_decode, row), place))
+        while self._in_flight and (len(self._in_flight) > self._max_in_flight or self._in_flight[0][1].done()):
+            yield from self._finish(*self._in_flight.popleft())
+
+    def finish_bundle(self):
+        while self._in_flight:
+            yield from self._finish(*self._in_flight.popleft())
+
+    def teardown(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _finish(self, row: dict, future, place: WindowedValue):
+        """A pooled row's outputs, in its own window (they may leave during a later row or finish_bundle)."""
+        for output in self._outputs(row, future.result()):
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, place.with_value(output.value))
+            else:
+                yield place.with_value(output)
+
+    def _outputs(self, row: dict, outcome: tuple[dict | None, int, dict | None]):
+        decoded, n_bytes, error = outcome
+        # Counters belong to the bundle's thread, so they are updated here, never in the pool.
+        self._bytes.inc(n_bytes)
+        if error is not None:
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error)
+            yield beam.pvalue.TaggedOutput("undecoded", row)
+        else:
+            self._decoded.inc()
+            yield decoded
+
+    def _read_and_decode(self, row: dict) -> tuple[dict | None, int, dict | None]:
+        """(decoded element or None, bytes read, dead letter or None); never raises."""
+        from featurizers.decode import DecodeError
+
+        video_id = row["video_id"]
+        try:
+            data = self._read(row["video_uri"])
+        except DecodeError as err:
+            return None, 0, error_row(video_id, "limits", err.reason, str(err), self._config.run_id)
         except Exception as err:  # unreadable storage must not fail the job
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "read", type(err).__name__, str(err),
-                                                                 self._config.run_id))
-            yield beam.pvalue.TaggedOutput("undecoded", row)
-            return
+            return None, 0, error_row(video_id, "read", type(err).__name__, str(err), self._config.run_id)
         try:
-            # Audio is decoded only for rows that need audio features (0 s skips it; has_audio stays a fact).
-            audio_seconds = self._config.audio_seconds if "audio" in row.get("_needs", ("audio",)) else 0.0
-            decoded = decode_video(data, frames=self._config.frames, sampling=self._config.frame_sampling,
-                                   size=self._config.frame_size, limits=self._config.limits(),
-                                   audio_seconds=audio_seconds)
+            decoded = self._decode(row, data)
         except DecodeError as err:
-            self._failed.inc()
             stage = "limits" if err.reason.startswith("max_") or err.reason == "decode_timeout" else "decode"
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, stage, err.reason, str(err),
-                                                                 self._config.run_id))
-            yield beam.pvalue.TaggedOutput("undecoded", row)
-            return
+            return None, len(data), error_row(video_id, stage, err.reason, str(err), self._config.run_id)
         except Exception as err:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(video_id, "decode", type(err).__name__,
-                                                                 str(err), self._config.run_id))
-            yield beam.pvalue.TaggedOutput("undecoded", row)
-            return
-        self._decoded.inc()
-        yield {"row": row, "frames": decoded.frames, "audio": decoded.audio, "facts": decoded.facts.as_dict()}
+            return None, len(data), error_row(video_id, "decode", type(err).__name__, str(err),
+                                              self._config.run_id)
+        return ({"row": row, "frames": decoded.frames, "audio": decoded.audio,
+                 "facts": decoded.facts.as_dict()}, len(data), None)
+
+    def _read(self, uri: str) -> bytes:
+        from apache_beam.io.filesystems import FileSystems
+        from featurizers.decode import DecodeError
+
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        matched = FileSystems.match([path])[0].metadata_list
+        if not matched:
+            raise FileNotFoundError(f"no such video: {uri}")
+        size = matched[0].size_in_bytes
+        if size > self._config.max_bytes:
+            raise DecodeError("max_bytes", f"{size} bytes exceeds max_bytes={self._config.max_bytes}")
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            return handle.read()
+
+    def _decode(self, row: dict, data: bytes):
+        from featurizers.decode import decode_video
+
+        # Audio is decoded only for rows that need audio features (0 s skips it; has_audio stays a fact).
+        audio_seconds = self._config.audio_seconds if "audio" in row.get("_needs", ("audio",)) else 0.0
+        return decode_video(data, frames=self._config.frames, sampling=self._config.frame_sampling,
+                            size=self._config.frame_size, limits=self._config.limits(),
+                            audio_seconds=audio_seconds, num_threads=self._decoder_threads)
 
 
 class ValidateFrames(beam.DoFn):
