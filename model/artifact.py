@@ -80,6 +80,18 @@ class LoadedModel:
     def featurizers(self) -> dict[str, str]:
         return {k: v.featurizer for k, v in self.layouts.items()}
 
+    @property
+    def trained_age_days(self) -> tuple[float, float] | None:
+        """(youngest, oldest) video age in days the model was trained on; None for unclamped models.
+
+        Ages outside are clamped to it: a prediction "at 7 days" from a model that only saw videos
+        older than 40 days is the 40-day prediction, which is higher than the truth at 7 days.
+        """
+        low, high = (self.config["network"].get(k) for k in ("log_age_min", "log_age_max"))
+        if low is None or high is None:
+            return None
+        return float(np.expm1(low)), float(np.expm1(high))
+
     def predict_log(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                     log_ages: np.ndarray, drop_modalities: tuple[str, ...] = (),
                     batch_size: int = 4096) -> np.ndarray:

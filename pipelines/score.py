@@ -29,6 +29,7 @@ from pipelines import publish, storage
 from pipelines.catalog import CatalogError, read_catalog
 from pipelines.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS
 
+log = logging.getLogger("popcast.score")
 SHARD_SEED = 20261128
 # The only catalog columns that travel through the job: the join key, the per-row checks and the row's
 # position in the scored catalog. The other catalog columns are attached to the predictions by position
@@ -147,6 +148,7 @@ class ScoreSummary:
     seconds: float
     rows_per_s: float
     counters: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"dt={d}: {n}" for d, n in sorted(self.partitions.items()))
@@ -156,7 +158,19 @@ class ScoreSummary:
                 f"({self.rows_per_s:,.0f} rows/s)",
                 f"  partitions: {parts or 'none'}",
                 f"  errors by reason: {errors}",
-                f"  rows unaccounted for: {self.rows_unaccounted}"]
+                f"  rows unaccounted for: {self.rows_unaccounted}"] + [f"  warning: {w}" for w in self.warnings]
+
+
+def horizon_warnings(horizon_days: float, trained_age_days: tuple[float, float] | None) -> list[str]:
+    """A warning when the scoring horizon lies outside the video ages the model was trained on."""
+    if trained_age_days is None:
+        return []
+    low, high = trained_age_days
+    if low <= horizon_days <= high:
+        return []
+    return [f"--horizon-days {horizon_days:g} is outside the ages the model was trained on ({low:.1f}–{high:.1f} "
+            f"days); predictions are those at {min(max(horizon_days, low), high):.1f} days. Train on a catalog "
+            "whose labels were observed at ages that include the horizon"]
 
 
 def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str, model_dir: str,
@@ -248,6 +262,9 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     todo = rows_of_dates(catalog, dates)
     model = load_model(args.model)
     model_featurizers = model.featurizers
+    warnings = horizon_warnings(args.horizon_days, model.trained_age_days)
+    for warning in warnings:
+        log.warning(warning)
     config, specs = on_the_fly_config(model, run_id, device)
     done = publish.featurized_id_arrays(args.features, model_featurizers)
     mismatched = {m: (s.featurizer_id, model_featurizers[m]) for m, s in specs.items()
@@ -305,7 +322,8 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
         errors_by_reason=dict(Counter(f"{s}:{c}" for s, c in zip(errors.column("stage").to_pylist(),
                                                                   errors.column("error_class").to_pylist()))),
         rows_unaccounted=pc.count_distinct(unaccounted, mode="all").as_py(),
-        seconds=seconds, rows_per_s=todo.num_rows / seconds if seconds > 0 else 0.0, counters=counters)
+        seconds=seconds, rows_per_s=todo.num_rows / seconds if seconds > 0 else 0.0, counters=counters,
+        warnings=warnings)
     publish.write_run_summary(args.output, run_id, asdict(summary))
     publish.remove_staging(staging)
     for line in summary.lines():

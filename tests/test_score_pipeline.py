@@ -155,3 +155,16 @@ def test_iceberg_partition_overwrite(trained, tmp_path):
     table = open_catalog(f"sqlite:///{tmp_path}/iceberg.db").load_table("popcast.scored").scan().to_arrow()
     expected = partition(tmp_path / "scored", day)
     assert sorted(table.column("video_id").to_pylist()) == sorted(expected.column("video_id").to_pylist())
+
+
+def test_a_horizon_outside_the_trained_ages_is_flagged(trained):
+    from model.artifact import load_model
+    from pipelines.score import horizon_warnings
+
+    _, _, model = trained
+    low, high = load_model(model).trained_age_days
+    assert 0 < low < high
+    assert horizon_warnings((low + high) / 2, (low, high)) == []
+    (warning,) = horizon_warnings(low / 2, (low, high))
+    assert "outside the ages the model was trained on" in warning and f"{low:.1f} days" in warning
+    assert horizon_warnings(high * 2, (low, high)) and horizon_warnings(5.0, None) == []
