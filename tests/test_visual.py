@@ -91,6 +91,8 @@ def test_efficientnet_spec(efficientnet) -> None:
     schema = spec.schema()
     assert schema.field("frames").type == pa.list_(pa.float32(), 16 * 1280)
     assert json.loads(schema.metadata[b"popcast.config"])["normalization"] == "(x-127)/128"
+    # Drivers build the spec without loading the model; it must be the very same spec.
+    assert EfficientNetLite0Embedder.spec_without_loading(16) == spec
 
 
 def test_efficientnet_onnxruntime_and_torch_runtimes_agree(efficientnet, two_frames_embedded, tmp_path,
