@@ -62,6 +62,10 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="reject larger frames (w*h)")
     parser.add_argument("--max-decode-seconds", type=float, default=120.0, help="per-video decode time budget")
     parser.add_argument("--force", action="store_true", help="redo video_ids already featurized")
+    parser.add_argument("--history-curve-before", type=_utc_instant, default=None, metavar="TIME",
+                        help="fit the history age curve only on rows published before this ISO date/time "
+                             "(for an evaluation: the start of the test period, so the curve never saw "
+                             "test labels)")
     parser.add_argument("--profile", default=None, help="runner profile: direct, local, portable, spark, flink, "
                                                         "dataflow (Beam flags given explicitly win)")
     parser.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
@@ -111,6 +115,12 @@ def make_config(args: argparse.Namespace, run_id: str):
         text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
         max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
         yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism)
+
+
+def _utc_instant(text: str) -> datetime:
+    """ISO date or date-time; naive values are UTC."""
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 MEDIA_MODALITIES = ("visual", "audio")
@@ -171,7 +181,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
         # History depends on other rows' labels, so it is recomputed for every row on each run (and
         # published with replace below); the age curve is fitted here, on the labelled catalog rows.
         from pipelines.history_transforms import prepare_history
-        specs["history"] = prepare_history(catalog, args.output)
+        specs["history"] = prepare_history(catalog, args.output, args.history_curve_before)
     done = {} if args.force else publish.featurized_ids(args.output, specs)
     done.pop("history", None)
     todo = rows_needing_work(catalog, done, list(specs))

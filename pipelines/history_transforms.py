@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import zlib
+from datetime import datetime
 from typing import Iterable, Mapping
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
@@ -109,13 +111,19 @@ def curves_dir(features_dir: str) -> str:
     return storage.join(features_dir, "history", "_curves")
 
 
-def prepare_history(catalog: pa.Table, features_dir: str) -> FeatureSpec:
+def prepare_history(catalog: pa.Table, features_dir: str, curve_before: datetime | None = None) -> FeatureSpec:
     """Fit the age curve on the catalog's labelled rows, keep it beside the features, return the spec.
 
+    curve_before: fit only on rows published before this instant. For an evaluation, pass the start of
+    the test period, so that the curve (part of every row's features) has not seen the test labels.
     The curve is kept as DIR/history/_curves/<featurizer id>.json: scoring needs the very curve a model
     was trained with, even after a later featurize run refitted it on more labels.
     """
-    spec = history_spec(fit_age_curve(catalog))
+    source = catalog
+    if curve_before is not None:
+        source = catalog.filter(pc.less(catalog.column("publish_time"),
+                                        pa.scalar(curve_before, catalog.schema.field("publish_time").type)))
+    spec = history_spec(fit_age_curve(source))
     storage.write_bytes(storage.join(curves_dir(features_dir), f"{spec.featurizer_id}.json"),
                         json.dumps(spec.config, indent=1, sort_keys=True).encode())
     return spec

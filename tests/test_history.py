@@ -214,6 +214,29 @@ def test_age_curve_fit_and_version():
     assert set(spec.schema().names) == {"video_id", "featurizer", *HISTORY_FEATURE_NAMES}
 
 
+def test_curve_before_fits_only_on_earlier_rows_and_ignores_later_labels(tmp_path):
+    from datetime import timedelta
+
+    from pipelines.history_transforms import prepare_history
+
+    rows = random_catalog(60, seed=3)
+    catalog = pa.Table.from_pylist([dict(r, title=None, hashtags=None) for r in rows], schema=CATALOG_SCHEMA)
+    times = sorted(r["publish_time"] for r in rows)
+    cutoff = times[40]
+    import pyarrow.compute as pc
+    earlier = catalog.filter(pc.less(catalog.column("publish_time"), pa.scalar(cutoff, catalog.schema.field("publish_time").type)))
+    spec = prepare_history(catalog, str(tmp_path / "a"), curve_before=cutoff)
+    assert spec.featurizer_id == history_spec(fit_age_curve(earlier)).featurizer_id
+    assert spec.featurizer_id != prepare_history(catalog, str(tmp_path / "b")).featurizer_id
+    # Labels published at or after the cutoff cannot move the curve.
+    later_changed = [dict(r, title=None, hashtags=None, views=(r["views"] or 0) * 50 + 7)
+                     if r["publish_time"] >= cutoff else dict(r, title=None, hashtags=None) for r in rows]
+    changed = pa.Table.from_pylist(later_changed, schema=CATALOG_SCHEMA)
+    assert prepare_history(changed, str(tmp_path / "c"), curve_before=cutoff).featurizer_id == spec.featurizer_id
+    assert prepare_history(changed, str(tmp_path / "d"),
+                           curve_before=cutoff + timedelta(days=3650)).featurizer_id != spec.featurizer_id
+
+
 # ---------------------------------------------------------------- the featurize job
 def assert_same_table(a: pa.Table, b: pa.Table) -> None:
     """Same columns and values, NaN == NaN (Arrow's Table.equals treats NaN as unequal)."""
