@@ -91,7 +91,8 @@ class FeaturizeSummary:
         errors = ", ".join(f"{r} {n}" for r, n in sorted(self.errors_by_reason.items())) or "none"
         return [f"featurize run {self.run_id}: {self.rows_in} rows in, {self.skipped_already_featurized} already "
                 f"featurized, {self.rows_featurized} featurized in {self.seconds:.1f} s "
-                f"({self.videos_per_s:.2f} videos/s)",
+                f"({self.rows_featurized / self.seconds if self.seconds > 0 else 0.0:,.1f} rows/s, "
+                f"{self.videos_decoded} videos decoded at {self.videos_per_s:.2f} videos/s)",
                 f"  ok per modality: {ok}",
                 f"  errors by reason: {errors}",
                 f"  rows unaccounted for: {self.rows_unaccounted}"]
