@@ -54,7 +54,7 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--visual-batch-videos", type=int, default=4, help="videos per visual inference batch")
     parser.add_argument("--text-batch", type=int, default=64, help="captions per text inference batch")
-    parser.add_argument("--decode-parallelism", type=int, default=0,
+    parser.add_argument("--decode-parallelism", type=_non_negative_int, default=0,
                         help="videos decoded at once per worker, one decoder thread each (0 = min(4, cores); "
                              "1 where the runner runs one process per core)")
     parser.add_argument("--max-bytes", type=int, default=512 * 2**20, help="reject larger video files")
@@ -116,6 +116,13 @@ def make_config(args: argparse.Namespace, run_id: str):
         text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
         max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
         yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _utc_instant(text: str) -> datetime:
