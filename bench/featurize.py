@@ -120,8 +120,8 @@ def decode_all_kept(clip: Path, frames: int, size: int, threads: int) -> np.ndar
     import decord
     reader = decord.VideoReader(str(clip), width=size, height=size, num_threads=threads)
     count = len(reader)
-    keep = set(every_nth(count, frames))
     order = every_nth(count, frames)
+    keep = set(order)
     by_index = {}
     for start in range(0, count, _DECORD_CHUNK):
         chunk = list(range(start, min(count, start + _DECORD_CHUNK)))
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     clips = find_clips(args.clips, args.limit)
     k = args.frames
-    parallelism = args.decode_parallelism or min(4, os.cpu_count() or 1)
+    from pipelines.transforms import FeaturizeConfig
+    parallelism = FeaturizeConfig(decode_parallelism=args.decode_parallelism).resolved_decode_parallelism()
     from featurizers.visual import EfficientNetLite0Embedder
     encoder = EfficientNetLite0Embedder(device="cpu")
     size = encoder.input_size

@@ -138,8 +138,7 @@ def baseline_score(catalog_path: str, features_dir: str, model_dir: str, output:
     """
     from datetime import datetime, timezone
 
-    from model.artifact import load_model, quantiles_to_counts
-    from model.data import MIN_AGE_DAYS, log_age
+    from model.artifact import load_model
     from pipelines.feature_store import feature_table_from_arrow
 
     model = load_model(model_dir)
@@ -164,10 +163,9 @@ def baseline_score(catalog_path: str, features_dir: str, model_dir: str, output:
     for start in range(0, catalog.num_rows, chunk_rows):
         rows = catalog.slice(start, chunk_rows)
         tables = {m: feature_table_from_arrow(t.slice(start, chunk_rows), m, metadata[m]) for m, t in aligned.items()}
-        # Same call as the job's handler: one batch per chunk (model.predict's 4096-row batches each
-        # re-join the chunk's feature tables).
-        ages = np.full(rows.num_rows, max(horizon_days, MIN_AGE_DAYS))
-        predictions = quantiles_to_counts(model.predict_log(rows, tables, log_age(ages), batch_size=rows.num_rows))
+        # Same call as the job's handler: one batch per chunk (smaller batches each re-join the chunk's
+        # feature tables).
+        predictions = model.predict(rows, tables, horizon_days, batch_size=rows.num_rows)
         n = rows.num_rows
         columns = {name: rows.column(name) for name in rows.column_names}
         columns.update({name: pa.array(values, pa.float64()) for name, values in predictions.items()})

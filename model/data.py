@@ -6,7 +6,6 @@ on training rows only and travel in the model config, so scoring reproduces exac
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

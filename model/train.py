@@ -213,7 +213,7 @@ def train(catalog: str | pa.Table, features_dir: str, output_dir: str, split_qua
         normalised = (y[rows] - center) / scale
         return make_batch(layouts, tables, arrays["video_id"][rows], log_ages[rows], normalised)
 
-    train_b, val_b, test_b = batch_for(split.train), batch_for(split.validation), batch_for(split.test)
+    train_b, val_b = batch_for(split.train), batch_for(split.validation)
     full_rows = np.sort(np.concatenate([split.train, split.validation]))
     config = {
         "format": FORMAT, "network": asdict(network), "training": asdict(training),

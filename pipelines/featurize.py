@@ -9,7 +9,6 @@ after the pipeline succeeded; a re-run skips video_ids already featurized by the
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -148,7 +147,6 @@ def rows_needing_work(catalog: pa.Table, done: dict[str, set[str]], modalities: 
 def build_pipeline(pipeline, input_path: str, staging: str, config, specs: dict[str, FeatureSpec],
                    expected_rows: int):
     """The Beam graph: read rows → FeaturizeRows → one Parquet dataset per modality + dead letters."""
-    import apache_beam as beam
     from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
 
     from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables
@@ -159,7 +157,7 @@ def build_pipeline(pipeline, input_path: str, staging: str, config, specs: dict[
         from featurizers.history import curve_from_spec_config
         from pipelines.history_transforms import CreatorHistory
         features["history"] = rows | "CreatorHistory" >> CreatorHistory(
-            curve_from_spec_config(specs["history"].config), config.run_id)
+            curve_from_spec_config(specs["history"].config), expected_rows)
     for modality, spec in specs.items():
         (features[modality]
          | f"{modality}ToArrow" >> ToArrowTables(spec.schema())
@@ -190,8 +188,9 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
         # published with replace below); the age curve is fitted here, on the labelled catalog rows.
         from pipelines.history_transforms import prepare_history
         specs["history"] = prepare_history(catalog, args.output, args.history_curve_before)
-    done = {} if args.force else publish.featurized_ids(args.output, specs)
-    done.pop("history", None)
+    # Optional modalities (history) are recomputed for every row, so their stored ids are not read.
+    stored = {m: spec for m, spec in specs.items() if m not in OPTIONAL_MODALITIES}
+    done = {} if args.force else publish.featurized_ids(args.output, stored)
     todo = rows_needing_work(catalog, done, list(specs))
     staging = storage.join(args.output, "_staging", run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")

@@ -15,14 +15,13 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.metrics import Metrics
 
 from featurizers.history import (QUERY_COLUMNS, SOURCE_COLUMNS, AgeCurve, author_history_rows,
                                  curve_from_spec_config, fit_age_curve, history_spec, no_history_row)
 from pipelines import publish, storage
 from pipelines.contracts import FeatureSpec
+from pipelines.transforms import CountAndLog
 
-NAMESPACE = "popcast"
 QUERY, SOURCE, BOTH = "q", "s", "qs"
 
 
@@ -55,15 +54,6 @@ def _bucket_rows(keyed: tuple[int, Iterable[tuple[str, dict]]], curve_json: dict
         yield from author_history_rows(query, source, AgeCurve.from_json(curve_json))
 
 
-class _CountRows(beam.DoFn):
-    def __init__(self, name: str):
-        self._counter = Metrics.counter(NAMESPACE, name)
-
-    def process(self, row):
-        self._counter.inc()
-        yield row
-
-
 class CreatorHistory(beam.PTransform):
     """Catalog row dicts → history feature row dicts (one per query row), grouped by author_id.
 
@@ -76,10 +66,10 @@ class CreatorHistory(beam.PTransform):
     would cost one small-table computation (~10 ms) per author, hours for a million creators.
     """
 
-    def __init__(self, curve: AgeCurve, run_id: str = "", buckets: int = 256):
+    def __init__(self, curve: AgeCurve, expected_rows: int = 0, buckets: int = 256):
         super().__init__()
         self._curve_json = curve.to_json()   # plain JSON travels to workers without pickling surprises
-        self._run_id = run_id
+        self._expected = expected_rows       # for progress logs only
         self._buckets = buckets
 
     def expand(self, rows):
@@ -91,17 +81,18 @@ class CreatorHistory(beam.PTransform):
         else:
             tagged = rows | "TagRows" >> beam.Map(_tag, BOTH, buckets)
         curve_json = self._curve_json
+        # Built once here: the row of "no history" differs between videos only in video_id.
+        no_history = no_history_row("", AgeCurve.from_json(curve_json))
         with_author = tagged | "WithAuthor" >> beam.Filter(lambda kv: kv[0] is not None)
         without_author = (tagged
                           | "WithoutAuthor" >> beam.Filter(lambda kv: kv[0] is None and kv[1][0] != SOURCE)
-                          | "NoHistory" >> beam.Map(lambda kv: no_history_row(
-                              kv[1][1]["video_id"], AgeCurve.from_json(curve_json))))
+                          | "NoHistory" >> beam.Map(lambda kv: {**no_history, "video_id": kv[1][1]["video_id"]}))
         per_author = (with_author
                       | "GroupByAuthorBucket" >> beam.GroupByKey()
                       | "PerAuthorHistory" >> beam.FlatMap(_bucket_rows, curve_json))
         return ((per_author, without_author)
                 | "HistoryRows" >> beam.Flatten()
-                | "CountHistory" >> beam.ParDo(_CountRows("history_ok")))
+                | "CountHistory" >> beam.ParDo(CountAndLog("history", self._expected)))
 
 
 # ---------------------------------------------------------------- the curve, driver side
@@ -177,7 +168,7 @@ def stage_history_inputs(catalog: pa.Table, todo: pa.Table, history_path: str | 
     return query_path, source_path, spec
 
 
-def history_side(pipeline, query_path: str, source_path: str, spec: FeatureSpec, run_id: str, shards: int):
+def history_side(pipeline, query_path: str, source_path: str, spec: FeatureSpec, shards: int):
     """The score job's history features, as of scoring, as (shard, ("history", table)) for its join."""
     from apache_beam.io.parquetio import ReadFromParquet
 
@@ -187,6 +178,6 @@ def history_side(pipeline, query_path: str, source_path: str, spec: FeatureSpec,
     rows = {"query": pipeline | "ReadHistoryQuery" >> ReadFromParquet(query_path),
             "source": pipeline | "ReadHistorySource" >> ReadFromParquet(source_path)}
     return (rows
-            | "CreatorHistory" >> CreatorHistory(curve_from_spec_config(spec.config), run_id)
+            | "CreatorHistory" >> CreatorHistory(curve_from_spec_config(spec.config))
             | "HistoryToArrow" >> ToArrowTables(spec.schema())
             | "ShardHistory" >> beam.FlatMap(shard_tables, shards, "history"))

@@ -173,15 +173,20 @@ def _partition_dir(output: str, day) -> str:
     return storage.join(output, f"dt={day}")
 
 
+def staged_prediction_schema(schema: pa.Schema, catalog_schema: pa.Schema) -> pa.Schema:
+    """What a scoring job stages: video_id, CATALOG_ROW_COLUMN and the columns of the scored `schema`
+    that the catalog lacks (the predictions)."""
+    return pa.schema([schema.field("video_id"), pa.field(CATALOG_ROW_COLUMN, pa.int64())]
+                     + [f for f in schema if f.name not in catalog_schema.names])
+
+
 def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, schema: pa.Schema,
-                       catalog: pa.Table | None = None) -> dict:
+                       catalog: pa.Table) -> dict:
     """Replace TABLE/dt=D/ for every date this run owns with the run's rows of that date.
 
-    Without `catalog`, the staged files hold whole rows in `schema`; rows are ordered by video_id. With
-    it, they hold video_id, CATALOG_ROW_COLUMN (the row's position in `catalog`) and the columns of
-    `schema` that the catalog lacks (the predictions); each staged row is attached here to its catalog
-    row, so the catalog columns never travel through the job, and rows keep the catalog's order.
-    Either way identical inputs give identical files.
+    The staged files hold staged_prediction_schema rows; each is attached here to its catalog row (by
+    CATALOG_ROW_COLUMN, its position in `catalog`), so the catalog columns never travel through the
+    job, and rows keep the catalog's order. Identical inputs give identical files.
 
     Each partition is written complete under TABLE/_staging first and then swapped in by renames, so a
     reader sees the old partition or the new one, never a half-written one or both (on object stores,
@@ -189,13 +194,10 @@ def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, s
     """
     fs, _ = storage.filesystem_and_path(output)
     files = parquet_files(staged_dir)
-    staged_schema = schema if catalog is None else pa.schema(
-        [schema.field("video_id"), pa.field(CATALOG_ROW_COLUMN, pa.int64())]
-        + [f for f in schema if f.name not in catalog.column_names])
+    staged_schema = staged_prediction_schema(schema, catalog.schema)
     staged = (ds.dataset(files, filesystem=fs, format="parquet", schema=staged_schema).to_table()
               if files else staged_schema.empty_table())
-    scored, days = (_rows_by_day_and_id(staged) if catalog is None
-                    else _catalog_rows_by_day(staged, catalog, schema))
+    scored, days = _catalog_rows_by_day(staged, catalog, schema)
     dictionary = dictionary_columns(schema)
     ordinals = np.array([(day - _EPOCH_DAY).days for day in dates], dtype=days.dtype)
     starts, stops = np.searchsorted(days, ordinals, "left"), np.searchsorted(days, ordinals, "right")
@@ -214,14 +216,6 @@ def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, s
 def _days(timestamps: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """UTC publish days as int32 days since 1970."""
     return pc.cast(pc.cast(timestamps, pa.date32()), pa.int32()).to_numpy(zero_copy_only=False)
-
-
-def _rows_by_day_and_id(staged: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """Whole staged rows sorted by (publish day, video_id), and each row's day. One sort, then each
-    day is a contiguous slice (filtering the table once per day costs O(days x rows))."""
-    keys = pa.table({"_day": _days(staged.column("publish_time")), "video_id": staged.column("video_id")})
-    order = pc.sort_indices(keys, [("_day", "ascending"), ("video_id", "ascending")])
-    return staged.take(order), keys.column("_day").take(order).to_numpy()
 
 
 def _catalog_rows_by_day(staged: pa.Table, catalog: pa.Table, schema: pa.Schema) -> tuple[pa.Table, np.ndarray]:

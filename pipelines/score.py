@@ -214,7 +214,7 @@ def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str
                          | f"ShardFresh{modality}" >> beam.FlatMap(shard_tables, shards, modality))
     if history is not None:
         from pipelines.history_transforms import history_side
-        sides.append(history_side(pipeline, *history, run_id, shards))
+        sides.append(history_side(pipeline, *history, shards))
     joined = (sides
               | "AllSides" >> beam.Flatten()
               | "JoinByShard" >> beam.GroupByKey()
@@ -285,7 +285,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
                         input_path)
     predictions = [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS]
     scored_schema = pa.schema(list(todo.schema) + predictions)
-    staged_schema = pa.schema([todo.schema.field("video_id"), pa.field(ROW_COLUMN, pa.int64())] + predictions)
+    staged_schema = publish.staged_prediction_schema(scored_schema, todo.schema)
     shards = args.shards or default_shards(todo.num_rows, model)
     history = None
     if "history" in model_featurizers:

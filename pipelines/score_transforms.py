@@ -122,13 +122,9 @@ class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
                                                         model))
 
     def _predict(self, catalog: pa.Table, tables: dict, model) -> dict[str, np.ndarray]:
-        """model.predict at a fixed horizon, with the whole shard as one batch: predict's 4096-row batches
-        each re-join the shard's feature tables (a polars hash join per batch) and run smaller GEMMs."""
-        from model.artifact import quantiles_to_counts
-        from model.data import MIN_AGE_DAYS, log_age
-        n = catalog.num_rows
-        ages = np.full(n, max(float(self._horizon_days), MIN_AGE_DAYS))
-        return quantiles_to_counts(model.predict_log(catalog, tables, log_age(ages), batch_size=max(n, 1)))
+        """model.predict with the whole shard as one batch: smaller batches would each re-join the
+        shard's feature tables (a polars hash join per batch) and run smaller GEMMs."""
+        return model.predict(catalog, tables, float(self._horizon_days), batch_size=catalog.num_rows)
 
     def _attach(self, catalog: pa.Table, predictions: dict[str, np.ndarray], model) -> pa.Table:
         n = catalog.num_rows

@@ -56,6 +56,10 @@ class FeaturizeConfig:
     run_id: str = ""
     yamnet: bool = True
 
+    def resolved_decode_parallelism(self) -> int:
+        """decode_parallelism, with 0 resolved on the machine that runs the decoder."""
+        return self.decode_parallelism or min(4, os.cpu_count() or 1)
+
     def limits(self):
         from featurizers.decode import DecodeLimits
         return DecodeLimits(max_bytes=self.max_bytes, max_duration_s=self.max_duration_s,
@@ -162,7 +166,7 @@ class ReadAndDecode(beam.DoFn):
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
 
     def setup(self):
-        parallelism = self._config.decode_parallelism or min(4, os.cpu_count() or 1)
+        parallelism = self._config.resolved_decode_parallelism()
         self._pool = ThreadPoolExecutor(parallelism, thread_name_prefix="decode") if parallelism > 1 else None
         # One video alone may use the decoders' own threads; several at once get one thread each.
         self._decoder_threads = 1 if self._pool is not None else 0
@@ -233,8 +237,9 @@ class ReadAndDecode(beam.DoFn):
     def _read(self, uri: str) -> bytes:
         from apache_beam.io.filesystems import FileSystems
         from featurizers.decode import DecodeError
+        from pipelines.storage import local_path
 
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = local_path(uri)
         matched = FileSystems.match([path])[0].metadata_list
         if not matched:
             raise FileNotFoundError(f"no such video: {uri}")

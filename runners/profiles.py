@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 
-SPARK_JOB_ENDPOINT = "localhost:8199"
-FLINK_JOB_ENDPOINT = "localhost:8299"
+from runners.clusters.local import DEFAULT_PORTS
+
+SPARK_JOB_ENDPOINT = f"localhost:{DEFAULT_PORTS['spark_job']}"
+FLINK_JOB_ENDPOINT = f"localhost:{DEFAULT_PORTS['flink_job']}"
 # One NVIDIA L4 per worker; Dataflow installs the driver. L4 GPUs need G2 machine types.
 DATAFLOW_GPU_SERVICE_OPTION = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
 

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -215,15 +216,12 @@ def test_age_curve_fit_and_version():
 
 
 def test_curve_before_fits_only_on_earlier_rows_and_ignores_later_labels(tmp_path):
-    from datetime import timedelta
-
     from pipelines.history_transforms import prepare_history
 
     rows = random_catalog(60, seed=3)
     catalog = pa.Table.from_pylist([dict(r, title=None, hashtags=None) for r in rows], schema=CATALOG_SCHEMA)
     times = sorted(r["publish_time"] for r in rows)
     cutoff = times[40]
-    import pyarrow.compute as pc
     earlier = catalog.filter(pc.less(catalog.column("publish_time"), pa.scalar(cutoff, catalog.schema.field("publish_time").type)))
     spec = prepare_history(catalog, str(tmp_path / "a"), curve_before=cutoff)
     assert spec.featurizer_id == history_spec(fit_age_curve(earlier)).featurizer_id

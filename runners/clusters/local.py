@@ -386,10 +386,7 @@ def down(engine: str, state_dir: Path | None = None, timeout_s: float = 30.0) ->
     and its session, e.g. Spark executors, is signalled with it). Returns the pids stopped."""
     state = Path(state_dir or default_state_dir()) / engine
     pids = [p for p in _pids(state) if _alive(p)]
-    # Job server first (it owns the running application), then workers, then the master.
-    order = sorted(pids, key=lambda p: 0 if (state / "jobserver.pid").exists()
-                   and (state / "jobserver.pid").read_text().strip() == str(p) else 1)
-    for pid in order:
+    for pid in pids:   # every process is signalled before any is waited for, so order does not matter
         try:
             os.killpg(pid, signal.SIGTERM)  # pid == its session/group id: started with start_new_session
         except ProcessLookupError:
