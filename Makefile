@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export NO_GCE_CHECK := true
 
-.PHONY: install demo test test-slow bench clean cluster-up cluster-down test-cluster
+.PHONY: install lint-imports demo test test-slow bench clean cluster-up cluster-down test-cluster
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,7 +25,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/popcast demo --output demo_out
 
-test: $(STAMP)
+# The floors first (.importlinter): a back-edge or an import cycle fails the build before any test runs.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
+test: $(STAMP) lint-imports
 	@$(PY) -m pytest -q -m "not slow" tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$status

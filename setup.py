@@ -30,6 +30,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "dev": [
         "pytest>=8",
+        "import-linter>=2.17",      # `make test` checks the floors (.importlinter)
         "lightgbm>=4",
         "gcp-storage-emulator>=2024.8",
         "pyiceberg[sql-sqlite,pyarrow]>=0.9",

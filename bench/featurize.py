@@ -68,11 +68,11 @@ def find_clips(directory: Path, limit: int | None) -> list[Path]:
 
 
 def write_bench_catalog(clips: list[Path], path: Path) -> None:
-    """A catalog (pipelines.contracts schema) with one row per clip: video_id = file name."""
+    """A catalog (featurizers.core.contracts schema) with one row per clip: video_id = file name."""
     import pyarrow as pa
 
+    from featurizers.core.contracts import CATALOG_SCHEMA
     from pipelines.catalog import write_catalog
-    from pipelines.contracts import CATALOG_SCHEMA
     columns = {field.name: pa.nulls(len(clips), field.type) for field in CATALOG_SCHEMA}
     columns["video_id"] = pa.array([c.name for c in clips], pa.string())
     columns["publish_time"] = pa.array([FIXED_PUBLISH_TIME] * len(clips), CATALOG_SCHEMA.field("publish_time").type)

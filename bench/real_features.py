@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.contracts import FeatureSpec
-from pipelines.feature_store import feature_table_to_arrow
+from featurizers.core.contracts import FeatureSpec
+from featurizers.core.feature_table import feature_table_to_arrow
 
 BOW_DIM = 512
 TOKEN = re.compile(r"\w+", re.UNICODE)

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipelines.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
+from featurizers.core.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
+from pipelines.catalog import read_catalog
 
 BASE_ROWS = 20_000          # rows drawn by generate_rows; larger catalogs are copies of them
 FEATURE_FILE_ROWS = 100_000  # feature tables are written in parts of this size (as a sharded write leaves)
@@ -121,7 +122,7 @@ def build_dataset(root: str, rows: int, modalities: tuple[str, ...], seed: int) 
     del tables
     print(f"data: {rows:,} rows, {', '.join(modalities)} in {time.time() - started:.0f} s", flush=True)
     started = time.time()
-    train(paths["train_catalog"], paths["train_features"], paths["model"],
+    train(read_catalog(paths["train_catalog"]), paths["train_features"], paths["model"],
           training=TrainingConfig(epochs=2, ensemble_size=1), baselines_enabled=False, modalities=modalities,
           threads=1)
     print(f"model: trained on {train_rows.num_rows:,} rows in {time.time() - started:.0f} s", flush=True)
@@ -138,8 +139,8 @@ def baseline_score(catalog_path: str, features_dir: str, model_dir: str, output:
     """
     from datetime import datetime, timezone
 
+    from featurizers.core.feature_table import feature_table_from_arrow
     from model.artifact import load_model
-    from pipelines.feature_store import feature_table_from_arrow
 
     model = load_model(model_dir)
     catalog = pq.read_table(catalog_path)

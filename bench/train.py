@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from featurizers.core.contracts import FeatureSpec
+from featurizers.core.feature_table import feature_table_to_arrow
 from model.data import fit_layout, make_batch, read_features
 from model.network import NetworkConfig, PopularityNet, pinball_loss
-from pipelines.contracts import FeatureSpec
-from pipelines.feature_store import feature_table_to_arrow
 
 TEXT = FeatureSpec("text", "text-bench", "1", {"embedding": (384,), "bow": (512,)},
                    (("caption_chars", pa.float32()), ("hashtag_count", pa.float32())))

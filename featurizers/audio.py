@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from featurizers.core.contracts import MISSING_VECTOR, FeatureSpec
 from featurizers.onnx_cpu import cpu_session
-from pipelines.contracts import MISSING_VECTOR, FeatureSpec
 
 SAMPLE_RATE = 16_000
 

@@ -27,13 +27,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Sequence, TypeVar
 
-import numpy as np
-
 import av
 import decord
+import numpy as np
 
 SAMPLINGS: tuple[str, ...] = ("keyframe", "reference", "exact")
 AUDIO_SAMPLE_RATE = 16_000
+# The one place for the decode defaults: featurize's flags and FeaturizeConfig take theirs from here.
+DEFAULT_FRAMES = 16
+DEFAULT_SAMPLING = "keyframe"
+SAMPLINGS = ("keyframe", "reference", "exact")
+DEFAULT_FRAME_SIZE = 224
+DEFAULT_AUDIO_SECONDS = 30.0
 # Frames are requested from decord in chunks so the time budget is checked while decoding long clips.
 _DECODE_CHUNK = 4
 # The sequential reference pass checks the time budget every this many decoded frames.
@@ -423,8 +428,9 @@ def _decode_reference_frames(data: bytes, frame_starts: np.ndarray, target_indic
     return picked_index, np.stack(picked_rgb)
 
 
-def decode_video(data: bytes, *, frames: int = 16, sampling: str = "keyframe", size: int = 224,
-                 limits: DecodeLimits = DecodeLimits(), audio_seconds: float = 60.0,
+def decode_video(data: bytes, *, frames: int = DEFAULT_FRAMES, sampling: str = DEFAULT_SAMPLING,
+                 size: int = DEFAULT_FRAME_SIZE, limits: DecodeLimits = DecodeLimits(),
+                 audio_seconds: float = DEFAULT_AUDIO_SECONDS,
                  num_threads: int = 0) -> DecodedVideo:
     """Decode `frames` RGB frames (resized to size x size) plus audio and facts from a video's bytes.
 

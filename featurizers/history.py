@@ -26,11 +26,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipelines.contracts import TARGETS, FeatureSpec
+from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS, FeatureSpec
 
 HISTORY_NAME, HISTORY_VERSION = "creator_history", "2"
 TREND_K = 3                       # trend = mean of the last K earlier labels − mean of those before them
-MIN_AGE_DAYS = 1.0 / 24.0         # same floor as the model: younger observations carry no usable age
 CURVE_DEGREE = 2
 CURVE_DIGITS = 6                  # coefficients are rounded so the version hash is stable across machines
 US_PER_DAY = 86_400 * 1_000_000

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurizers.core.contracts import LABEL_COLUMNS, FeatureSpec
 from featurizers.text import caption_length
-from pipelines.contracts import LABEL_COLUMNS, FeatureSpec
 
 META_NAME, META_VERSION = "meta", "1"
 LANGUAGE_BUCKETS = 32  # bucket 0 = language missing or "un"/"und"; codes hash into 1..31

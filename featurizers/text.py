@@ -19,8 +19,9 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipelines import storage
-from pipelines.contracts import FeatureSpec
+from featurizers.core import storage
+from featurizers.core.contracts import FeatureSpec
+from featurizers.core.feature_table import feature_table_to_arrow
 
 BOW_DIM = 512
 TEXT_VERSION = "1"
@@ -359,7 +360,6 @@ def text_feature_table(video_ids: Sequence[str], titles: Sequence[str | None],
                        hashtags: Sequence[Iterable[str] | None], embedder: TextEmbedder,
                        bow_dim: int = BOW_DIM) -> pa.Table:
     """Text features of N catalog rows as a table in `text_spec(embedder, bow_dim).schema()`."""
-    from pipelines.feature_store import feature_table_to_arrow
 
     columns = text_features(titles, hashtags, embedder, bow_dim)
     spec = text_spec(embedder, bow_dim)

@@ -16,7 +16,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipelines.contracts import FeatureSpec
+from featurizers.core.contracts import FeatureSpec
+from featurizers.core.storage import filesystem_and_path
+from featurizers.onnx_cpu import cpu_session
 
 # Batch sizes when the caller gives none: CPU memory and latency favour small batches, a GPU big ones.
 _CUDA_BATCH_SIZE = 512
@@ -228,8 +230,6 @@ def download_model_dir(uri: str, cache_root: Path | None = None) -> Path:
     """
     import pyarrow.fs as pafs
 
-    from pipelines.storage import filesystem_and_path
-
     target = (cache_root or model_cache_dir()) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     marker = target / ".complete"
     if marker.exists():
@@ -386,8 +386,6 @@ def _onnx_session(module: torch.nn.Module, side: int, cache_key: str):
     (torch.set_num_threads, e.g. one per process under multi_processing) governs both runtimes.
     """
     import warnings
-
-    from featurizers.onnx_cpu import cpu_session
 
     path = model_cache_dir() / f"onnx-{cache_key}.onnx"
     try:

@@ -15,11 +15,10 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.data import (FeatureTable, ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch,
-                        MIN_AGE_DAYS)
+from featurizers.core import storage
+from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
+from model.data import FeatureTable, ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch
 from model.network import NetworkConfig, PopularityNet
-from pipelines import storage
-from pipelines.contracts import TARGETS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipelines.contracts import MODALITIES, TARGETS
-from pipelines.feature_store import FeatureTable, read_feature_table
+from featurizers.core import storage
+from featurizers.core.contracts import MIN_AGE_DAYS, MODALITIES, TARGETS
+from featurizers.core.feature_table import FeatureTable, read_feature_table
 
 SECONDS_PER_DAY = 86_400.0
 # Ages below one hour carry no usable signal and would make log(age) explode.
-MIN_AGE_DAYS = 1.0 / 24.0
 # Scalar columns treated as categoricals (embedded) rather than as numbers. A featurizer can also list
 # its own in its FeatureSpec config under "categorical".
 KNOWN_CATEGORICAL_SCALARS = frozenset({"hour", "weekday", "month", "language_bucket", "language"})
@@ -385,7 +385,6 @@ def training_fingerprint(arrays: dict[str, np.ndarray], rows: np.ndarray, featur
 def read_features(features_dir: str, modalities: tuple[str, ...] | list[str] | None = None
                   ) -> dict[str, FeatureTable]:
     """Every modality table present under features_dir (missing modalities are simply absent)."""
-    from pipelines import storage
     tables = {}
     for modality in (modalities or MODALITIES):
         fs, root = storage.filesystem_and_path(storage.join(features_dir, modality))

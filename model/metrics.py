@@ -10,7 +10,7 @@ import math
 import numpy as np
 from scipy.stats import spearmanr
 
-from pipelines.contracts import TARGETS
+from featurizers.core.contracts import TARGETS
 
 
 def _clean(value: float) -> float | None:

@@ -13,12 +13,12 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from featurizers.core import storage
+from featurizers.core.contracts import TARGETS
 from model.artifact import load_model
 from model.baselines import creator_history_mean
 from model.data import catalog_arrays, log_age, read_features, time_split
 from model.metrics import all_target_metrics, mean_mae
-from pipelines import storage
-from pipelines.contracts import TARGETS
 
 AGE_BUCKETS_DAYS = (0, 7, 30, 90, 365, float("inf"))
 
@@ -53,14 +53,14 @@ def _metric_rows(named: dict[str, dict]) -> list[list]:
 METRIC_HEADER = ["model"] + [f"{t} {m}" for t in TARGETS for m in ("MAE", "Spearman", "nMSE", "cov")]
 
 
-def evaluate(catalog: str | pa.Table, features_dir: str, model_dir: str, report_dir: str) -> dict:
-    """Write report_dir/index.html and report_dir/metrics.json; returns the metrics."""
+def evaluate(catalog: pa.Table, features_dir: str, model_dir: str, report_dir: str) -> dict:
+    """Write report_dir/index.html and report_dir/metrics.json; returns the metrics. `catalog` is the
+    conformed catalog table the model was trained on."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from model.train import read_catalog_table
 
-    table = read_catalog_table(catalog)
+    table = catalog
     model = load_model(model_dir)
     tables = read_features(features_dir, tuple(model.layouts))
     arrays = catalog_arrays(table)

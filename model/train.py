@@ -18,16 +18,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from featurizers.core import storage
+from featurizers.core.contracts import TARGETS
 from model import baselines
-from model.artifact import (FORMAT, LoadedModel, _autocast, build_networks, load_model, model_version,
-                            quantiles_to_counts, save_model)
-from model.data import (Batch, FeatureTable, ModalityLayout, ModelDataError, catalog_arrays, check_featurizers,
-                        fit_layout, join_rows, log_age, make_batch, read_features, time_split,
-                        training_fingerprint)
+from model.artifact import (
+    FORMAT,
+    LoadedModel,
+    _autocast,
+    build_networks,
+    load_model,
+    model_version,
+    quantiles_to_counts,
+    save_model,
+)
+from model.data import (
+    Batch,
+    FeatureTable,
+    ModalityLayout,
+    ModelDataError,
+    catalog_arrays,
+    check_featurizers,
+    fit_layout,
+    join_rows,
+    log_age,
+    make_batch,
+    read_features,
+    time_split,
+    training_fingerprint,
+)
 from model.metrics import all_target_metrics, mean_mae
 from model.network import NetworkConfig, PopularityNet, pinball_loss
-from pipelines import storage
-from pipelines.contracts import TARGETS
 
 log = logging.getLogger("popcast.train")
 
@@ -44,14 +64,6 @@ class TrainingConfig:
     ensemble_size: int = 5
     validation_fraction: float = 0.15
     refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
-
-
-def read_catalog_table(path_or_table: str | pa.Table) -> pa.Table:
-    """A catalog as a pyarrow Table: passes tables through; reads paths with pipelines.catalog."""
-    if isinstance(path_or_table, pa.Table):
-        return path_or_table
-    from pipelines.catalog import read_catalog
-    return read_catalog(path_or_table)
 
 
 @contextmanager
@@ -169,15 +181,17 @@ def _apply_warm_start(nets: list[PopularityNet], source: LoadedModel, freeze: tu
                 raise ValueError(f"cannot freeze {name!r}: branches are {list(net.encoders)} + trunk, head")
 
 
-def train(catalog: str | pa.Table, features_dir: str, output_dir: str, split_quantile: float = 0.8,
+def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile: float = 0.8,
           seed: int = 0, init_from: str | None = None, freeze: tuple[str, ...] | list[str] = (),
           device: str = "cpu", modalities: tuple[str, ...] | None = None,
           network: NetworkConfig | None = None, training: TrainingConfig | None = None,
           threads: int | None = None, baselines_enabled: bool = True, clamp_age: bool = True) -> dict:
-    """Train, evaluate on the time-ordered test split and write MODEL_DIR. Returns metrics.json content."""
+    """Train, evaluate on the time-ordered test split and write MODEL_DIR. Returns metrics.json content.
+
+    `catalog` is the conformed catalog table (pipelines.catalog.read_catalog reads one from a path)."""
     started = time.perf_counter()
     training = training or TrainingConfig()
-    table = read_catalog_table(catalog)
+    table = catalog
     arrays = catalog_arrays(table)
     labelled = np.isfinite(arrays["log_labels"]).any(axis=1)
     split = time_split(arrays["publish_s"], labelled, split_quantile, training.validation_fraction)
@@ -286,6 +300,7 @@ def train(catalog: str | pa.Table, features_dir: str, output_dir: str, split_qua
 
 def _dumps(obj) -> str:
     import json
+
     from model.artifact import _json_default
     return json.dumps(obj, indent=1, default=_json_default)
 

@@ -18,9 +18,15 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipelines import storage
-from pipelines.contracts import (CATALOG_COLUMNS, CATALOG_SCHEMA, REQUIRED_COLUMNS,
-                                 SUPPORTED_URI_SCHEMES, TARGETS, UTC_TIMESTAMP)
+from featurizers.core import storage
+from featurizers.core.contracts import (
+    CATALOG_COLUMNS,
+    CATALOG_SCHEMA,
+    REQUIRED_COLUMNS,
+    SUPPORTED_URI_SCHEMES,
+    TARGETS,
+    UTC_TIMESTAMP,
+)
 
 MAX_PROBLEMS_SHOWN = 50
 

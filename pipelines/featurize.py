@@ -17,23 +17,35 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from pipelines import publish, storage
+from featurizers.core import storage
+from featurizers.core.contracts import (
+    DEFAULT_FEATURIZE_MODALITIES,
+    ERRORS_SCHEMA,
+    MODALITIES,
+    OPTIONAL_MODALITIES,
+    FeatureSpec,
+)
+from featurizers.core.feature_table import featurized_ids, rows_needing_work
+from featurizers.history import curve_from_spec_config
+from pipelines import publish
 from pipelines.catalog import CatalogError, read_catalog
-from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
-
-ALL_MODALITIES = ("visual", "audio", "text", "meta")
-# Opt-in (--modalities ...,history): recomputed for every row on each run, see pipelines/history_transforms.py.
-OPTIONAL_MODALITIES = ("history",)
+from pipelines.history_transforms import CreatorHistory, prepare_history
+from pipelines.profiles import expand
+from pipelines.transforms import (
+    ERRORS_TAG,
+    FeaturizeConfig,
+    FeaturizeRows,
+    ToArrowTables,
+    feature_specs,
+    popcast_counters,
+)
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="popcast featurize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", required=True, help="catalog: Parquet file/dir/glob, CSV or JSONL; local or gs://")
     parser.add_argument("--output", required=True, help="features directory (local or gs://)")
-    parser.add_argument("--modalities", default=",".join(ALL_MODALITIES),
+    parser.add_argument("--modalities", default=",".join(DEFAULT_FEATURIZE_MODALITIES),
                         help="comma-separated subset of visual,audio,text,meta,history (history: opt-in)")
     parser.add_argument("--frames", type=int, default=16, help="frames per video (K)")
     parser.add_argument("--frame-sampling", choices=("keyframe", "reference", "exact"), default="keyframe",
@@ -98,12 +110,10 @@ class FeaturizeSummary:
 
 
 def make_config(args: argparse.Namespace, run_id: str):
-    from pipelines.transforms import FeaturizeConfig
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    unknown = set(modalities) - set(ALL_MODALITIES) - set(OPTIONAL_MODALITIES)
+    unknown = set(modalities) - set(MODALITIES)
     if unknown:
-        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from "
-                         f"{','.join(ALL_MODALITIES + OPTIONAL_MODALITIES)}")
+        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {','.join(MODALITIES)}")
     device = args.device
     if device == "auto":
         import torch
@@ -130,32 +140,14 @@ def _utc_instant(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-MEDIA_MODALITIES = ("visual", "audio")
-
-
-def rows_needing_work(catalog: pa.Table, done: dict[str, set[str]], modalities: list[str]) -> pa.Table:
-    """The catalog rows that still lack some modality they can have (visual/audio need media), with a
-    `_needs` list column naming which."""
-    ids = catalog.column("video_id").to_pylist()
-    has_media = pc.is_valid(catalog.column("video_uri")).to_pylist()
-    needs = [[m for m in modalities if vid not in done.get(m, ()) and (media or m not in MEDIA_MODALITIES)]
-             for vid, media in zip(ids, has_media)]
-    table = catalog.append_column("_needs", pa.array(needs, pa.list_(pa.string())))
-    return table.filter(pc.greater(pc.list_value_length(table.column("_needs")), 0))
-
-
 def build_pipeline(pipeline, input_path: str, staging: str, config, specs: dict[str, FeatureSpec],
                    expected_rows: int):
     """The Beam graph: read rows → FeaturizeRows → one Parquet dataset per modality + dead letters."""
     from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
 
-    from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables
-
     rows = pipeline | "ReadCatalogRows" >> ReadFromParquet(input_path)
     features = rows | "Featurize" >> FeaturizeRows(config, specs, expected_rows)
     if "history" in specs:
-        from featurizers.history import curve_from_spec_config
-        from pipelines.history_transforms import CreatorHistory
         features["history"] = rows | "CreatorHistory" >> CreatorHistory(
             curve_from_spec_config(specs["history"].config), expected_rows)
     for modality, spec in specs.items():
@@ -175,9 +167,6 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.transforms import feature_specs, popcast_counters
-    from runners.profiles import expand
-
     args, beam_args = parse_known_args(argv)
     run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     config = make_config(args, run_id)
@@ -186,11 +175,10 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     if "history" in config.modalities:
         # History depends on other rows' labels, so it is recomputed for every row on each run (and
         # published with replace below); the age curve is fitted here, on the labelled catalog rows.
-        from pipelines.history_transforms import prepare_history
         specs["history"] = prepare_history(catalog, args.output, args.history_curve_before)
     # Optional modalities (history) are recomputed for every row, so their stored ids are not read.
     stored = {m: spec for m, spec in specs.items() if m not in OPTIONAL_MODALITIES}
-    done = {} if args.force else publish.featurized_ids(args.output, stored)
+    done = {} if args.force else featurized_ids(args.output, stored)
     todo = rows_needing_work(catalog, done, list(specs))
     staging = storage.join(args.output, "_staging", run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")

@@ -16,11 +16,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featurizers.history import (QUERY_COLUMNS, SOURCE_COLUMNS, AgeCurve, author_history_rows,
-                                 curve_from_spec_config, fit_age_curve, history_spec, no_history_row)
-from pipelines import publish, storage
-from pipelines.contracts import FeatureSpec
-from pipelines.transforms import CountAndLog
+from featurizers.core import storage
+from featurizers.core.contracts import FeatureSpec
+from featurizers.core.feature_table import parquet_files
+from featurizers.history import (
+    QUERY_COLUMNS,
+    SOURCE_COLUMNS,
+    AgeCurve,
+    author_history_rows,
+    combine_sources,
+    curve_from_spec_config,
+    fit_age_curve,
+    history_spec,
+    no_history_row,
+)
+from pipelines import publish
+from pipelines.catalog import read_catalog
+from pipelines.shards import split_into_shards
+from pipelines.transforms import CountAndLog, ToArrowTables
 
 QUERY, SOURCE, BOTH = "q", "s", "qs"
 
@@ -129,7 +142,7 @@ def find_history_spec(features_dir: str, featurizer_id: str) -> FeatureSpec:
         with fs.open_input_stream(root) as handle:
             config = json.loads(handle.read())
     else:   # older layouts: the curve is also in each history file's schema metadata
-        for file in publish.parquet_files(storage.join(features_dir, "history")):
+        for file in parquet_files(storage.join(features_dir, "history")):
             metadata = pq.read_schema(file, filesystem=fs).metadata or {}
             if metadata.get(b"popcast.featurizer", b"").decode() == featurizer_id:
                 config = json.loads(metadata[b"popcast.config"])
@@ -154,8 +167,6 @@ def stage_history_inputs(catalog: pa.Table, todo: pa.Table, history_path: str | 
     Returns (query path, source path, the model's history spec with its age curve). The same strictly-
     earlier rule applies as in featurize, relative to each scored video's publish time.
     """
-    from featurizers.history import combine_sources
-    from pipelines.catalog import read_catalog
 
     spec = find_history_spec(features_dir, featurizer_id)
     sources = [catalog]
@@ -172,12 +183,9 @@ def history_side(pipeline, query_path: str, source_path: str, spec: FeatureSpec,
     """The score job's history features, as of scoring, as (shard, ("history", table)) for its join."""
     from apache_beam.io.parquetio import ReadFromParquet
 
-    from pipelines.score_transforms import shard_tables
-    from pipelines.transforms import ToArrowTables
-
     rows = {"query": pipeline | "ReadHistoryQuery" >> ReadFromParquet(query_path),
             "source": pipeline | "ReadHistorySource" >> ReadFromParquet(source_path)}
     return (rows
             | "CreatorHistory" >> CreatorHistory(curve_from_spec_config(spec.config))
             | "HistoryToArrow" >> ToArrowTables(spec.schema())
-            | "ShardHistory" >> beam.FlatMap(shard_tables, shards, "history"))
+            | "ShardHistory" >> beam.FlatMap(split_into_shards, shards, "history"))

@@ -12,7 +12,8 @@ from datetime import date
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import publish, storage
+from featurizers.core import storage
+from featurizers.core.feature_table import read_columns
 
 PARTITION_COLUMN = "dt"
 
@@ -48,7 +49,7 @@ def overwrite_partitions(target: str, table_root: str, dates: list[date]) -> int
 
     uri, namespace, name = parse_target(target)
     catalog = open_catalog(uri)
-    parts = [publish.read_columns(storage.join(table_root, f"dt={d}"), None) for d in dates]
+    parts = [read_columns(storage.join(table_root, f"dt={d}"), None) for d in dates]
     parts = [p for p in parts if p is not None]
     if not parts:
         return 0

@@ -14,8 +14,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.contracts import ERRORS_SCHEMA, FeatureSpec
+from featurizers.core import storage
+from featurizers.core.contracts import ERRORS_SCHEMA
+from featurizers.core.feature_table import parquet_files
 
 _EPOCH_DAY = date(1970, 1, 1)
 # Staged score rows carry their row number in the scored catalog, so publishing attaches the catalog
@@ -35,52 +36,6 @@ def write_table(table: pa.Table, uri: str) -> None:
     fs, path = storage.filesystem_and_path(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs, use_dictionary=dictionary_columns(table.schema))
-
-
-def parquet_files(uri: str) -> list[str]:
-    """Published Parquet files under a directory (paths inside its filesystem), skipping _ and . names."""
-    fs, root = storage.filesystem_and_path(uri)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                  and not i.base_name.startswith(("_", ".")))
-
-
-def read_columns(uri: str, columns: list[str]) -> pa.Table | None:
-    files = parquet_files(uri)
-    if not files:
-        return None
-    fs, _ = storage.filesystem_and_path(uri)
-    return ds.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
-
-
-def featurized_ids(features_dir: str, specs: dict[str, FeatureSpec | str]) -> dict[str, set[str]]:
-    """Per modality, the video_ids already published by the same featurizer version (a spec or name@version)."""
-    done = {}
-    for modality, spec in specs.items():
-        featurizer = spec if isinstance(spec, str) else spec.featurizer_id
-        table = read_columns(storage.join(features_dir, modality), ["video_id", "featurizer"])
-        if table is None:
-            done[modality] = set()
-            continue
-        same = table.filter(pc.equal(table.column("featurizer"), featurizer))
-        done[modality] = set(same.column("video_id").to_pylist())
-    return done
-
-
-def featurized_id_arrays(features_dir: str, specs: dict[str, FeatureSpec | str]) -> dict[str, pa.Array]:
-    """Like featurized_ids, but Arrow arrays of ids (no Python strings: 1M ids cost ~1 s as a set)."""
-    done = {}
-    for modality, spec in specs.items():
-        featurizer = spec if isinstance(spec, str) else spec.featurizer_id
-        table = read_columns(storage.join(features_dir, modality), ["video_id", "featurizer"])
-        if table is None:
-            done[modality] = pa.array([], pa.string())
-            continue
-        same = table.filter(pc.equal(table.column("featurizer"), featurizer))
-        done[modality] = same.column("video_id").combine_chunks()
-    return done
 
 
 def _move(fs: pafs.FileSystem, source: str, target: str) -> None:

@@ -3,7 +3,7 @@ follow a documented rule in which every modality (visual, audio, text, meta) car
 
 Beam-free (pyarrow, numpy, PyAV). `generate_rows` draws catalog rows and per-video latents without
 encoding anything; `generate_sample` renders the MP4 files from those latents and writes
-catalog.parquet (pipelines.contracts.CATALOG_SCHEMA) and latents.parquet (diagnostics, not a catalog).
+catalog.parquet (featurizers.core.contracts.CATALOG_SCHEMA) and latents.parquet (diagnostics, not a catalog).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.contracts import CATALOG_SCHEMA
-from pipelines.storage import local_path, scheme_of
+from featurizers.core.contracts import CATALOG_SCHEMA
+from featurizers.core.storage import local_path, scheme_of
 
 # ---------------------------------------------------------------------------------------------
 # Formats: what real short videos look like, and how often (weights are probabilities).

@@ -18,19 +18,25 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from typing import Iterable
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import publish, storage
+from featurizers.core import storage
+from featurizers.core.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS
+from featurizers.core.feature_table import NEEDS_COLUMN, featurized_ids, modalities_needed, parquet_files
+from model.artifact import load_model
+from pipelines import publish
 from pipelines.catalog import CatalogError, read_catalog
-from pipelines.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS
+from pipelines.history_transforms import history_side, stage_history_inputs
+from pipelines.iceberg_sink import overwrite_partitions
+from pipelines.profiles import expand
+from pipelines.score_transforms import JoinedShard, ScoreHandler, ValidateShard, on_the_fly_config
+from pipelines.shards import default_shards, keep_featurizer, split_into_shards
+from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables, error_row, popcast_counters
 
 log = logging.getLogger("popcast.score")
-SHARD_SEED = 20261128
 # The only catalog columns that travel through the job: the join key, the per-row checks and the row's
 # position in the scored catalog. The other catalog columns are attached to the predictions by position
 # when partitions are published (publish_partitions), so the job shuffles, pickles and writes ids and
@@ -84,58 +90,6 @@ def rows_of_dates(catalog: pa.Table, dates: list[date]) -> pa.Table:
     return catalog.filter(pc.is_in(published, pa.array(dates, pa.date32())))
 
 
-SHARD_ROWS = 20_000
-# Feature bytes per joined shard, at most. A shard is one Beam element: on the multi_processing
-# DirectRunner, 20k-row text+meta shards (~72 MB pickled) were silently dropped (0 rows scored, no
-# error), while ~15 MB shards went through; 8 MB leaves a margin.
-SHARD_BYTES = 8 << 20
-
-
-def default_shards(rows: int, model) -> int:
-    """Join shards for `rows` rows: at most SHARD_ROWS rows and about SHARD_BYTES of features each."""
-    floats = sum(layout.vector_width + sum(int(np.prod(shape)) for shape in layout.sequences.values())
-                 + len(layout.numeric) + len(layout.categorical) for layout in model.layouts.values())
-    rows_per_shard = max(1, min(SHARD_ROWS, SHARD_BYTES // (4 * floats + 100)))
-    return max(1, -(-rows // rows_per_shard))
-
-
-def modalities_needed(todo: pa.Table, done: dict[str, pa.Array], modalities: list[str]) -> pa.ListArray:
-    """Per row, the modalities it lacks and can have (visual/audio need media), as list<string>.
-
-    The same decision as pipelines.featurize.rows_needing_work, in column operations: 1M rows cost
-    milliseconds instead of ~10 s of per-row Python.
-    """
-    from pipelines.featurize import MEDIA_MODALITIES
-    ids = todo.column("video_id")
-    has_media = pc.is_valid(todo.column("video_uri")).to_numpy(zero_copy_only=False)
-    lacking = np.zeros((todo.num_rows, len(modalities)), dtype=bool)
-    for j, modality in enumerate(modalities):
-        stored = done.get(modality, pa.array([], pa.string()))
-        lacking[:, j] = ~pc.is_in(ids, value_set=stored).to_numpy(zero_copy_only=False)
-        if modality in MEDIA_MODALITIES:
-            lacking[:, j] &= has_media
-    offsets = np.concatenate([[0], np.cumsum(lacking.sum(axis=1))]).astype(np.int32)
-    names = pa.array(np.asarray(modalities, dtype=object)[np.nonzero(lacking)[1]], pa.string())
-    return pa.ListArray.from_arrays(pa.array(offsets), names)
-
-
-def shard_of(video_ids: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarray:
-    """Stable shard per video_id (same on both sides of the join, in every worker)."""
-    series = pl.Series(pa.array(video_ids) if not isinstance(video_ids, pa.ChunkedArray) else video_ids)
-    return (series.cast(pl.String).hash(seed=SHARD_SEED) % shards).to_numpy().astype(np.int64)
-
-
-def split_into_shards(table: pa.Table, shards: int, side: str) -> Iterable[tuple[int, tuple[str, pa.Table]]]:
-    if table.num_rows == 0:
-        return
-    keys = shard_of(table.column("video_id"), shards)
-    order = np.argsort(keys, kind="stable")
-    keys_sorted = keys[order]
-    bounds = np.flatnonzero(np.diff(keys_sorted)) + 1
-    for chunk in np.split(order, bounds):
-        yield int(keys[chunk[0]]), (side, table.take(pa.array(chunk)))
-
-
 @dataclass
 class ScoreSummary:
     run_id: str
@@ -183,37 +137,32 @@ def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str
     from apache_beam.io.parquetio import ReadFromParquet, ReadFromParquetBatched, WriteToParquetBatched
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-    from pipelines.score_transforms import (JoinedShard, ScoreHandler, ValidateShard, keep_featurizer,
-                                            shard_tables)
-    from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables
-
     catalog = (pipeline
                | "ReadCatalogKeys" >> ReadFromParquetBatched(input_path, columns=list(JOIN_COLUMNS))
-               | "ShardCatalog" >> beam.FlatMap(shard_tables, shards, "catalog"))
+               | "ShardCatalog" >> beam.FlatMap(split_into_shards, shards, "catalog"))
     sides = [catalog]
     errors = []
     for modality, featurizer in model_featurizers.items():
         if modality == "history":   # computed below as of scoring, never read from stored features
             continue
-        stored_files = publish.parquet_files(storage.join(features_dir, modality))
+        stored_files = parquet_files(storage.join(features_dir, modality))
         if stored_files:
             pattern = storage.join(features_dir, modality, "*.parquet")
             sides.append(pipeline
                          | f"ReadStored{modality}" >> ReadFromParquetBatched(pattern)
                          | f"Keep{modality}Version" >> beam.Map(keep_featurizer, featurizer)
-                         | f"Shard{modality}" >> beam.FlatMap(shard_tables, shards, modality))
+                         | f"Shard{modality}" >> beam.FlatMap(split_into_shards, shards, modality))
     if needs_featurizing:
         rows = (pipeline
                 | "ReadRowsToFeaturize" >> ReadFromParquet(input_path)
-                | "NeedsFeatures" >> beam.Filter(lambda r: len(r["_needs"]) > 0))
+                | "NeedsFeatures" >> beam.Filter(lambda r: len(r[NEEDS_COLUMN]) > 0))
         fresh = rows | "FeaturizeOnTheFly" >> FeaturizeRows(featurize_config, specs)
         errors.append(fresh[ERRORS_TAG])
         for modality, spec in specs.items():
             sides.append(fresh[modality]
                          | f"Fresh{modality}ToArrow" >> ToArrowTables(spec.schema())
-                         | f"ShardFresh{modality}" >> beam.FlatMap(shard_tables, shards, modality))
+                         | f"ShardFresh{modality}" >> beam.FlatMap(split_into_shards, shards, modality))
     if history is not None:
-        from pipelines.history_transforms import history_side
         sides.append(history_side(pipeline, *history, shards))
     joined = (sides
               | "AllSides" >> beam.Flatten()
@@ -236,7 +185,6 @@ def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str
 
 
 def _failed_shards(failed, run_id: str):
-    from pipelines.transforms import error_row
     batch, exception = failed
     for _shard, joined in batch:
         for video_id in joined.catalog.column("video_id").to_pylist():
@@ -246,10 +194,6 @@ def _failed_shards(failed, run_id: str):
 def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
-
-    from model.artifact import load_model
-    from pipelines.score_transforms import on_the_fly_config
-    from runners.profiles import expand
 
     args, beam_args = parse_known_args(argv)
     run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -266,11 +210,11 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     for warning in warnings:
         log.warning(warning)
     config, specs = on_the_fly_config(model, run_id, device)
-    done = publish.featurized_id_arrays(args.features, model_featurizers)
+    done = featurized_ids(args.features, model_featurizers)
     mismatched = {m: (s.featurizer_id, model_featurizers[m]) for m, s in specs.items()
                   if s.featurizer_id != model_featurizers.get(m)}
     needs = modalities_needed(todo, done, list(specs))
-    todo_with_needs = (todo.append_column("_needs", needs)
+    todo_with_needs = (todo.append_column(NEEDS_COLUMN, needs)
                        .append_column(ROW_COLUMN, pa.array(np.arange(todo.num_rows, dtype=np.int64))))
     on_the_fly = int(np.count_nonzero(pc.list_value_length(needs).to_numpy(zero_copy_only=False)))
     if on_the_fly and mismatched:
@@ -281,7 +225,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     staging = storage.join(args.output, "_staging", run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")
     # Whole rows only when some need featurizing; the join itself reads JOIN_COLUMNS.
-    publish.write_table(todo_with_needs if on_the_fly else todo_with_needs.select([*JOIN_COLUMNS, "_needs"]),
+    publish.write_table(todo_with_needs if on_the_fly else todo_with_needs.select([*JOIN_COLUMNS, NEEDS_COLUMN]),
                         input_path)
     predictions = [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS]
     scored_schema = pa.schema(list(todo.schema) + predictions)
@@ -289,7 +233,6 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     shards = args.shards or default_shards(todo.num_rows, model)
     history = None
     if "history" in model_featurizers:
-        from pipelines.history_transforms import stage_history_inputs
         history = stage_history_inputs(catalog, todo, args.history, args.features, model_featurizers["history"],
                                        staging)
 
@@ -304,13 +247,11 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
                        history=history)
         result = pipeline.run()
         result.wait_until_finish()
-        from pipelines.transforms import popcast_counters
         counters = popcast_counters(result)
     partitions = publish.publish_partitions(storage.join(staging, "scored"), args.output, dates, run_id,
                                             scored_schema, catalog=todo)
     errors = publish.publish_errors(staging, args.output, run_id)
     if args.iceberg:
-        from pipelines.iceberg_sink import overwrite_partitions
         overwrite_partitions(args.iceberg, args.output, dates)
     seconds = time.time() - start
     accounted = pa.chunked_array([publish.partition_id_array(args.output, dates),

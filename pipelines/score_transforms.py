@@ -13,19 +13,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES
+from featurizers.core.feature_table import feature_table_from_arrow
+from model.artifact import load_model
 from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, error_row, feature_specs
 
 CATALOG_SIDE = "catalog"
-
-
-def shard_tables(table: pa.Table, shards: int, side: str) -> Iterable[tuple[int, tuple[str, pa.Table]]]:
-    from pipelines.score import split_into_shards
-    yield from split_into_shards(table, shards, side)
-
-
-def keep_featurizer(table: pa.Table, featurizer: str) -> pa.Table:
-    """Only rows made by the model's featurizer version join (others would be refused by the model)."""
-    return table.filter(pc.equal(table.column("featurizer"), featurizer))
 
 
 @dataclass
@@ -100,11 +93,9 @@ class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
         self._device = device
 
     def load_model(self):
-        from model.artifact import load_model
         return load_model(self._model_dir, device=self._device)
 
     def run_inference(self, batch: Sequence[JoinedShard], model, inference_args=None):
-        from pipelines.feature_store import feature_table_from_arrow
         for joined in batch:
             tables = {}
             for modality, layout in model.layouts.items():
@@ -153,7 +144,7 @@ PACKAGED_TEXT_MODELS = {"text_minilm": None, "text_e5_multilingual": "e5-multili
 
 def on_the_fly_config(model, run_id: str, device: str) -> tuple[FeaturizeConfig, dict]:
     """The featurize config that reproduces the model's featurizers (checked against their versions)."""
-    modalities = tuple(m for m in ("visual", "audio", "text", "meta") if m in model.layouts)
+    modalities = tuple(m for m in DEFAULT_FEATURIZE_MODALITIES if m in model.layouts)
     frames = 16
     if "visual" in model.layouts and model.layouts["visual"].sequences:
         frames = int(next(iter(model.layouts["visual"].sequences.values()))[0])

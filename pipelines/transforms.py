@@ -16,14 +16,32 @@ from typing import Any, Callable, Iterable, Sequence
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.contracts import FeatureSpec
+from featurizers import audio, meta, text, visual
+from featurizers.audio import audio_features
+from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES, MEDIA_MODALITIES, FeatureSpec
+from featurizers.core.feature_table import NEEDS_COLUMN
+from featurizers.core.storage import local_path
+from featurizers.decode import (
+    DEFAULT_AUDIO_SECONDS,
+    DEFAULT_FRAME_SIZE,
+    DEFAULT_FRAMES,
+    DEFAULT_SAMPLING,
+    DecodeError,
+    DecodeLimits,
+    decode_video,
+)
+from featurizers.meta import meta_features
+from featurizers.text import text_features
+from featurizers.visual import EfficientNetLite0Embedder
 
 NAMESPACE = "popcast"
 ERRORS_TAG = "errors"
+# Modalities fed by the decoder: meta reads duration and frame size facts from it when a row has media.
+DECODE_FED_MODALITIES = (*MEDIA_MODALITIES, "meta")
 
 
 def error_row(video_id: str | None, stage: str, error_class: str, message: str, run_id: str = "") -> dict:
@@ -35,11 +53,11 @@ def error_row(video_id: str | None, stage: str, error_class: str, message: str, 
 @dataclass(frozen=True)
 class FeaturizeConfig:
     """Everything the featurize transforms need; picklable, so it travels to workers."""
-    modalities: tuple[str, ...] = ("visual", "audio", "text", "meta")
-    frames: int = 16
-    frame_sampling: str = "keyframe"
-    frame_size: int = 224
-    audio_seconds: float = 30.0
+    modalities: tuple[str, ...] = DEFAULT_FEATURIZE_MODALITIES
+    frames: int = DEFAULT_FRAMES
+    frame_sampling: str = DEFAULT_SAMPLING
+    frame_size: int = DEFAULT_FRAME_SIZE
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     visual_model: str | None = None      # None = packaged EfficientNet-Lite0; else a transformers image model
     text_model: str | None = None        # None = packaged all-MiniLM-L6-v2; else a dir / hub id / gs:// dir
     device: str = "cpu"
@@ -49,10 +67,10 @@ class FeaturizeConfig:
     # videos are decoded one decoder thread each. Use 1 where the runner already runs one process per core.
     decode_parallelism: int = 0
     text_batch: int = 64
-    max_bytes: int = 512 * 2**20
-    max_duration_s: float = 600.0
-    max_pixels: int = 4096 * 4096
-    max_decode_s: float = 120.0
+    max_bytes: int = DecodeLimits.max_bytes
+    max_duration_s: float = DecodeLimits.max_duration_s
+    max_pixels: int = DecodeLimits.max_pixels
+    max_decode_s: float = DecodeLimits.max_decode_s
     run_id: str = ""
     yamnet: bool = True
 
@@ -60,8 +78,7 @@ class FeaturizeConfig:
         """decode_parallelism, with 0 resolved on the machine that runs the decoder."""
         return self.decode_parallelism or min(4, os.cpu_count() or 1)
 
-    def limits(self):
-        from featurizers.decode import DecodeLimits
+    def limits(self) -> DecodeLimits:
         return DecodeLimits(max_bytes=self.max_bytes, max_duration_s=self.max_duration_s,
                             max_pixels=self.max_pixels, max_decode_s=self.max_decode_s)
 
@@ -69,7 +86,6 @@ class FeaturizeConfig:
 # ---------------------------------------------------------------- featurizers (built once per worker)
 
 def visual_embedder(config: FeaturizeConfig):
-    from featurizers import visual
     if config.visual_model:
         return visual.TransformersVisionEmbedder(config.visual_model, device=config.device)
     return visual.EfficientNetLite0Embedder(device=config.device)
@@ -77,7 +93,6 @@ def visual_embedder(config: FeaturizeConfig):
 
 def text_embedder(config: FeaturizeConfig):
     """By name ("minilm", "e5-multilingual") or any transformers model source (dir, hub id, gs://)."""
-    from featurizers import text
     if config.text_model in (None, "minilm"):
         return text.SentenceEmbedder(None, device=config.device)
     if config.text_model in text.EMBEDDERS:
@@ -87,13 +102,11 @@ def text_embedder(config: FeaturizeConfig):
 
 def feature_specs(config: FeaturizeConfig) -> dict[str, FeatureSpec]:
     """The spec (name@version, shapes) of each requested modality."""
-    from featurizers import audio, meta, text
     specs = {}
     if "visual" in config.modalities:
         if config.visual_model:
             specs["visual"] = visual_embedder(config).spec(config.frames)
         else:
-            from featurizers.visual import EfficientNetLite0Embedder
             specs["visual"] = EfficientNetLite0Embedder.spec_without_loading(config.frames, config.device)
     if "audio" in config.modalities:
         specs["audio"] = audio.audio_spec(yamnet=audio.default_yamnet() if config.yamnet else None)
@@ -117,7 +130,6 @@ def embed_frame_stacks(stacks: Sequence[np.ndarray], embedder) -> list[dict]:
 
 def embed_captions(captions: Sequence[tuple], embedder) -> list[dict]:
     """(title, hashtags) pairs → text feature rows (sentence embedding, hashed words, counts)."""
-    from featurizers.text import text_features
     columns = text_features([c[0] for c in captions], [c[1] for c in captions], embedder)
     return [{name: values[i] for name, values in columns.items()} for i in range(len(captions))]
 
@@ -214,7 +226,6 @@ class ReadAndDecode(beam.DoFn):
 
     def _read_and_decode(self, row: dict) -> tuple[dict | None, int, dict | None]:
         """(decoded element or None, bytes read, dead letter or None); never raises."""
-        from featurizers.decode import DecodeError
 
         video_id = row["video_id"]
         try:
@@ -236,8 +247,6 @@ class ReadAndDecode(beam.DoFn):
 
     def _read(self, uri: str) -> bytes:
         from apache_beam.io.filesystems import FileSystems
-        from featurizers.decode import DecodeError
-        from pipelines.storage import local_path
 
         path = local_path(uri)
         matched = FileSystems.match([path])[0].metadata_list
@@ -250,10 +259,9 @@ class ReadAndDecode(beam.DoFn):
             return handle.read()
 
     def _decode(self, row: dict, data: bytes):
-        from featurizers.decode import decode_video
 
         # Audio is decoded only for rows that need audio features (0 s skips it; has_audio stays a fact).
-        audio_seconds = self._config.audio_seconds if "audio" in row.get("_needs", ("audio",)) else 0.0
+        audio_seconds = self._config.audio_seconds if "audio" in row.get(NEEDS_COLUMN, ("audio",)) else 0.0
         return decode_video(data, frames=self._config.frames, sampling=self._config.frame_sampling,
                             size=self._config.frame_size, limits=self._config.limits(),
                             audio_seconds=audio_seconds, num_threads=self._decoder_threads)
@@ -308,7 +316,6 @@ class ComputeAudioFeatures(beam.DoFn):
         self._spec = spec
 
     def process(self, decoded: dict):
-        from featurizers.audio import audio_features
         video_id = decoded["row"]["video_id"]
         try:
             values = audio_features(decoded["audio"], yamnet=self._config.yamnet)
@@ -320,7 +327,6 @@ class ComputeAudioFeatures(beam.DoFn):
 
 
 def meta_row(row: dict, facts: dict | None, spec: FeatureSpec) -> dict:
-    from featurizers.meta import meta_features
     return {"video_id": row["video_id"], "featurizer": spec.featurizer_id, **meta_features(row, facts)}
 
 
@@ -372,7 +378,7 @@ class FeaturizeRows(beam.PTransform):
 
         def needs_decode(row: dict) -> bool:
             # Meta of a row with media wants the decode facts (duration, fps, size, audio presence).
-            return row.get("video_uri") is not None and bool({"visual", "audio", "meta"} & set(row["_needs"]))
+            return row.get("video_uri") is not None and bool(set(DECODE_FED_MODALITIES) & set(row[NEEDS_COLUMN]))
 
         with_media = rows | "WithMedia" >> beam.Filter(needs_decode)
         without_media = rows | "WithoutMedia" >> beam.Filter(lambda r: not needs_decode(r))
@@ -386,7 +392,7 @@ class FeaturizeRows(beam.PTransform):
         if "visual" in specs:
             spec = specs["visual"]
             frames = (decoded.decoded
-                      | "NeedsVisual" >> beam.Filter(lambda d: "visual" in d["row"]["_needs"])
+                      | "NeedsVisual" >> beam.Filter(lambda d: "visual" in d["row"][NEEDS_COLUMN])
                       | "KeyFrames" >> beam.Map(lambda d: (d["row"]["video_id"], d["frames"]))
                       | "ValidateFrames" >> beam.ParDo(ValidateFrames(config.frames, config.run_id)).with_outputs(
                           ERRORS_TAG, main="valid"))
@@ -402,7 +408,7 @@ class FeaturizeRows(beam.PTransform):
 
         if "audio" in specs:
             audio = (decoded.decoded
-                     | "NeedsAudio" >> beam.Filter(lambda d: "audio" in d["row"]["_needs"])
+                     | "NeedsAudio" >> beam.Filter(lambda d: "audio" in d["row"][NEEDS_COLUMN])
                      | "AudioFeatures" >> beam.ParDo(ComputeAudioFeatures(config, specs["audio"])).with_outputs(
                          ERRORS_TAG, main="rows"))
             errors.append(audio[ERRORS_TAG])
@@ -410,7 +416,7 @@ class FeaturizeRows(beam.PTransform):
 
         if "text" in specs:
             captions = (rows
-                        | "NeedsText" >> beam.Filter(lambda r: "text" in r["_needs"])
+                        | "NeedsText" >> beam.Filter(lambda r: "text" in r[NEEDS_COLUMN])
                         | "Caption" >> beam.Map(lambda r: (r["video_id"], (r.get("title"), r.get("hashtags"))))
                         | "ValidateText" >> beam.ParDo(ValidateText(config.run_id)).with_outputs(
                             ERRORS_TAG, main="valid"))
@@ -426,11 +432,11 @@ class FeaturizeRows(beam.PTransform):
         if "meta" in specs:
             spec = specs["meta"]
             from_decoded = (decoded.decoded
-                            | "NeedsMetaDecoded" >> beam.Filter(lambda d: "meta" in d["row"]["_needs"])
+                            | "NeedsMetaDecoded" >> beam.Filter(lambda d: "meta" in d["row"][NEEDS_COLUMN])
                             | "MetaWithFacts" >> beam.Map(lambda d: meta_row(d["row"], d["facts"], spec)))
             from_rows = ((without_media, decoded.undecoded)
                          | "RowsWithoutFacts" >> beam.Flatten()
-                         | "NeedsMeta" >> beam.Filter(lambda r: "meta" in r["_needs"])
+                         | "NeedsMeta" >> beam.Filter(lambda r: "meta" in r[NEEDS_COLUMN])
                          | "MetaWithoutFacts" >> beam.Map(lambda r: meta_row(r, None, spec)))
             outputs["meta"] = ((from_decoded, from_rows) | "MetaRows" >> beam.Flatten()
                                | "CountMeta" >> beam.ParDo(CountAndLog("meta", self._expected)))

@@ -71,7 +71,7 @@ COMMANDS = {
     "train": (_pipeline("runners.model_commands", "train_main"), "train the fusion model on stored features"),
     "evaluate": (_pipeline("runners.model_commands", "evaluate_main"), "write the HTML evaluation report"),
     "score": (_pipeline("pipelines.score"), "Beam: attach predictions to a catalog, one partition per date"),
-    "demo": (_pipeline("pipelines.demo"), "sample -> featurize -> train -> evaluate -> score"),
+    "demo": (_pipeline("runners.demo"), "sample -> featurize -> train -> evaluate -> score"),
 }
 
 

@@ -26,6 +26,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str] | None = None) -> dict:
     from model.train import TrainingConfig, train
+    from pipelines.catalog import read_catalog
     args = train_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     training = TrainingConfig()
@@ -33,7 +34,7 @@ def train_main(argv: list[str] | None = None) -> dict:
         training.epochs = args.epochs
     if args.ensemble:
         training.ensemble_size = args.ensemble
-    result = train(args.catalog, args.features, args.output, split_quantile=args.split_quantile, seed=args.seed,
+    result = train(read_catalog(args.catalog), args.features, args.output, split_quantile=args.split_quantile, seed=args.seed,
                    init_from=args.init_from, freeze=tuple(x for x in args.freeze.split(",") if x),
                    device=args.device, training=training,
                    modalities=tuple(x for x in args.modalities.split(",") if x) or None)
@@ -54,7 +55,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv: list[str] | None = None) -> dict:
     from model.report import evaluate
+    from pipelines.catalog import read_catalog
     args = evaluate_parser().parse_args(argv)
-    report = evaluate(args.catalog, args.features, args.model, args.output)
+    report = evaluate(read_catalog(args.catalog), args.features, args.model, args.output)
     print(f"wrote {args.output}/index.html")
     return report

@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 
 from featurizers import audio
-from featurizers.audio import (SAMPLE_RATE, LogMelStats, YamnetEmbedder, audio_feature_table,
-                               audio_features, audio_spec, yamnet_patches)
-from pipelines.feature_store import fixed_size_list_to_numpy
+from featurizers.audio import (
+    SAMPLE_RATE,
+    LogMelStats,
+    YamnetEmbedder,
+    audio_feature_table,
+    audio_features,
+    audio_spec,
+    yamnet_patches,
+)
+from featurizers.core.feature_table import fixed_size_list_to_numpy
 
 SHARED_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "media" / "clips"
 
@@ -225,7 +232,8 @@ def test_audio_table_from_a_real_mp4_and_a_silent_clip(tmp_path: Path, logmel: L
 
     # Through Parquet and the feature-store reader, shapes and missing rows survive.
     import pyarrow.parquet as pq
-    from pipelines.feature_store import read_feature_table
+
+    from featurizers.core.feature_table import read_feature_table
 
     (tmp_path / "features" / "audio").mkdir(parents=True)
     pq.write_table(table, tmp_path / "features" / "audio" / "part-0.parquet")

@@ -9,9 +9,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
+from featurizers.core import storage
+from featurizers.core.contracts import CATALOG_SCHEMA
 from pipelines.catalog import CatalogError, read_catalog, summarize, write_catalog
-from pipelines.contracts import CATALOG_SCHEMA
 from tests.conftest import REAL_CATALOGS
 
 UTC = timezone.utc

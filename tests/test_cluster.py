@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
-from pipelines.feature_store import read_feature_table
+from featurizers.core.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
+from featurizers.core.feature_table import read_feature_table
+from pipelines.catalog import read_catalog
 from runners.clusters import local as clusters
 from tests.media_helpers import write_clip
 
@@ -69,7 +70,7 @@ def inputs(tmp_path_factory):
     featurize(["--catalog", str(root / "score_catalog.parquet"), "--output", features,
                "--modalities", "text,meta", *DIRECT])
     model = str(root / "model")
-    train(str(root / "score_catalog.parquet"), features, model,
+    train(read_catalog(str(root / "score_catalog.parquet")), features, model,
           training=TrainingConfig(epochs=3, ensemble_size=1), baselines_enabled=False)
     days = pc.cast(scoring.column("publish_time"), pa.date32())
     busiest = max(pc.value_counts(days).to_pylist(), key=lambda c: c["counts"])["values"]

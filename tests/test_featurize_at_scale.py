@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.contracts import CATALOG_SCHEMA
-from pipelines.feature_store import read_feature_table
+from featurizers.core.contracts import CATALOG_SCHEMA
+from featurizers.core.feature_table import read_feature_table
 from pipelines.featurize import run as featurize
 from pipelines.sample_catalog import generate_sample
 from tests.media_helpers import write_corrupt, write_text, write_truncated

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.contracts import CATALOG_SCHEMA, ERRORS_SCHEMA
-from pipelines.feature_store import read_feature_table
+from featurizers.core.contracts import CATALOG_SCHEMA, ERRORS_SCHEMA
+from featurizers.core.feature_table import read_feature_table
 from pipelines.featurize import run
 from tests.media_helpers import write_clip, write_corrupt, write_empty, write_text, write_truncated
 
@@ -116,7 +116,7 @@ def test_multi_processing_runner_gives_the_same_features(featurized, tmp_path):
 
 def test_gcs_in_and_out_on_the_emulator(gcs_bucket, tmp_path):
     """Catalog, videos and features all on gs:// (a real GCS emulator, Beam's GCS filesystem)."""
-    from pipelines import storage
+    from featurizers.core import storage
     from pipelines.catalog import write_catalog
 
     clip = write_clip(tmp_path / "v.mp4", width=160, height=288, seconds=1.0)

@@ -12,9 +12,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from featurizers.history import (HISTORY_FEATURE_NAMES, TARGETS, TREND_K, AgeCurve, author_history_rows,
-                                 combine_sources, fit_age_curve, history_features, history_spec)
-from pipelines.contracts import CATALOG_SCHEMA
+from featurizers.core.contracts import CATALOG_SCHEMA
+from featurizers.history import (
+    HISTORY_FEATURE_NAMES,
+    TARGETS,
+    TREND_K,
+    AgeCurve,
+    author_history_rows,
+    combine_sources,
+    fit_age_curve,
+    history_features,
+    history_spec,
+)
+from pipelines.catalog import read_catalog
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 OBSERVED = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -254,7 +264,7 @@ def run_featurize(catalog: str, out: str, *runner: str):
 
 
 def test_featurize_history_on_two_runners_is_identical_and_matches_the_featurizer(tmp_path):
-    from pipelines.feature_store import read_feature_table
+    from featurizers.core.feature_table import read_feature_table
     from pipelines.history_transforms import find_history_spec
 
     rows = random_catalog(40, seed=7)
@@ -296,7 +306,7 @@ def test_score_computes_history_as_of_scoring_with_an_extra_history_source(tmp_p
     features, model = str(tmp_path / "features"), str(tmp_path / "model")
     featurize(["--catalog", str(tmp_path / "catalog.parquet"), "--output", features, "--modalities",
                "meta,history", *direct])
-    train(str(tmp_path / "catalog.parquet"), features, model, modalities=("meta", "history"),
+    train(read_catalog(str(tmp_path / "catalog.parquet")), features, model, modalities=("meta", "history"),
           training=TrainingConfig(epochs=2, ensemble_size=1), baselines_enabled=False)
     # Score the latest 20 rows as a fresh catalog: alone, their authors' earlier videos are unknown; with
     # --history (the earlier 60 rows) they are known, and the predictions change accordingly.

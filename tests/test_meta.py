@@ -14,9 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from featurizers import meta
-from featurizers.meta import (META_FEATURE_NAMES, META_INPUT_COLUMNS, META_SPEC, age_days,
-                              language_bucket, meta_features, meta_features_table)
-from pipelines.contracts import CATALOG_SCHEMA, LABEL_COLUMNS
+from featurizers.core.contracts import CATALOG_SCHEMA, LABEL_COLUMNS
+from featurizers.meta import (
+    META_FEATURE_NAMES,
+    META_INPUT_COLUMNS,
+    META_SPEC,
+    age_days,
+    language_bucket,
+    meta_features,
+    meta_features_table,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_CATALOGS = sorted(SHARED.glob("data/*/catalog.parquet"))
@@ -171,7 +178,7 @@ def test_vectorised_equals_per_row_on_edge_cases() -> None:
 
 
 def test_table_round_trips_through_the_feature_store(tmp_path: Path) -> None:
-    from pipelines.feature_store import read_feature_table
+    from featurizers.core.feature_table import read_feature_table
 
     table = meta_features_table(rows_to_table(edge_case_rows()), FACTS)
     (tmp_path / "meta").mkdir()

@@ -15,13 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from featurizers.core.contracts import CATALOG_SCHEMA, TARGETS, FeatureSpec
+from featurizers.core.feature_table import feature_table_to_arrow
 from model.artifact import load_model
-from model.data import (FeatureVersionError, catalog_arrays, fit_layout, make_batch, read_features,
-                        time_split)
+from model.data import FeatureVersionError, catalog_arrays, fit_layout, make_batch, read_features, time_split
 from model.network import NetworkConfig, PopularityNet, pinball_loss
 from model.train import TrainingConfig, train
-from pipelines.contracts import CATALOG_SCHEMA, TARGETS, FeatureSpec
-from pipelines.feature_store import feature_table_to_arrow
 
 N_ROWS = 400
 FRAMES, FRAME_DIM = 4, 6

@@ -1,7 +1,7 @@
 """Runner profiles expand to Beam flags; flags given explicitly win."""
 import pytest
 
-from runners.profiles import PROFILES, expand
+from pipelines.profiles import PROFILES, expand
 
 
 def test_default_profile_is_the_in_process_direct_runner():

@@ -14,10 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from pipelines.contracts import CATALOG_SCHEMA, TARGETS
-from pipelines.sample_catalog import (AGE_RANGE_DAYS, GOP_CHOICES, LATENTS_SCHEMA, PUBLISH_WINDOW_DAYS,
-                                      RESOLUTIONS, describe_rule, generate_rows, generate_sample,
-                                      reference_time, render_video)
+from featurizers.core.contracts import CATALOG_SCHEMA, TARGETS
+from pipelines.sample_catalog import (
+    AGE_RANGE_DAYS,
+    GOP_CHOICES,
+    LATENTS_SCHEMA,
+    PUBLISH_WINDOW_DAYS,
+    RESOLUTIONS,
+    describe_rule,
+    generate_rows,
+    generate_sample,
+    reference_time,
+    render_video,
+)
 
 SEED = 3  # among its 6 videos are both videos with and without an audio stream (asserted below)
 SCALE = 0.25

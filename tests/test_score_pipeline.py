@@ -9,7 +9,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
+from featurizers.core.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
+from pipelines.catalog import read_catalog
 from pipelines.sample_catalog import generate_rows
 from pipelines.score import run as score
 
@@ -31,7 +32,7 @@ def trained(tmp_path_factory):
     featurize(["--catalog", str(root / "featured.parquet"), "--output", features, "--modalities", "text,meta",
                *DIRECT])
     model = str(root / "model")
-    train(str(root / "featured.parquet"), features, model, training=TrainingConfig(epochs=3, ensemble_size=1),
+    train(read_catalog(str(root / "featured.parquet")), features, model, training=TrainingConfig(epochs=3, ensemble_size=1),
           baselines_enabled=False)
     return root, features, model
 
@@ -128,7 +129,7 @@ def test_multi_processing_runner_matches_direct(trained, tmp_path):
 
 
 def test_gcs_output_on_the_emulator(trained, gcs_bucket):
-    from pipelines.publish import read_columns
+    from featurizers.core.feature_table import read_columns
     root, features, model = trained
     day = busiest_date(root / "featured.parquet")
     out = f"{gcs_bucket}/scored"

@@ -15,11 +15,21 @@ import pytest
 import torch
 
 from featurizers import text
-from featurizers.text import (BOW_DIM, MultilingualE5Embedder, SentenceEmbedder, caption_text,
-                              feature_hash, hashed_bag_of_words, hashtag_hashes, text_feature_table,
-                              text_features, text_spec, tokenize)
-from pipelines import storage
-from pipelines.feature_store import fixed_size_list_to_numpy
+from featurizers.core import storage
+from featurizers.core.feature_table import fixed_size_list_to_numpy
+from featurizers.text import (
+    BOW_DIM,
+    MultilingualE5Embedder,
+    SentenceEmbedder,
+    caption_text,
+    feature_hash,
+    hashed_bag_of_words,
+    hashtag_hashes,
+    text_feature_table,
+    text_features,
+    text_spec,
+    tokenize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,17 +36,14 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipelines.profiles import DEFAULT_PORTS, JAVA_FALLBACK_VERSION, SPARK_RUNNER_ARTIFACT, jars_dir
+
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
-# Newest Beam Java release whose runner, job-service and fn-execution artifacts (and all their
-# dependencies) resolve from Maven Central on our machines (2.70.0 lacks beam-runners-java-job-service).
-JAVA_FALLBACK_VERSION = os.environ.get("POPCAST_BEAM_JAVA_VERSION", "2.62.0")
 # Newest Flink 1.x line with a published Beam runner artifact we can resolve (Beam 2.77's Python SDK
 # lists job servers for Flink 1.19, 1.20, 2.0, 2.1, 2.2; only the 1.19 runner is served here).
 FLINK_LINE = "1.19"
 # Loopback only: these clusters must never listen on, or talk to, anything else.
 HOST = "127.0.0.1"
-DEFAULT_PORTS = {"spark_master": 7077, "spark_master_ui": 8080, "spark_worker_ui": 8081,
-                 "spark_job": 8199, "flink_job": 8299}
 # Java 17 needs these opens for Spark's and Flink's reflection (the same list Beam's Python launcher uses).
 JAVA_OPENS = ["--add-opens=java.base/sun.nio.ch=ALL-UNNAMED", "--add-opens=java.base/java.nio=ALL-UNNAMED",
               "--add-opens=java.base/java.util=ALL-UNNAMED", "--add-opens=java.base/java.lang=ALL-UNNAMED",
@@ -59,10 +56,6 @@ JAVA_OPENS = ["--add-opens=java.base/sun.nio.ch=ALL-UNNAMED", "--add-opens=java.
 
 class ClusterError(RuntimeError):
     """A cluster could not be fetched, started or reached; the message says what to look at."""
-
-
-def jars_dir() -> Path:
-    return Path(os.environ.get("POPCAST_JARS_DIR", Path.home() / ".cache" / "popcast" / "jars"))
 
 
 def default_state_dir() -> Path:
@@ -90,7 +83,7 @@ class JobServerJars:
 
 
 ENGINES = {
-    "spark": dict(job_server="beam-runners-spark-3-job-server", runner="beam-runners-spark-3",
+    "spark": dict(job_server=f"{SPARK_RUNNER_ARTIFACT}-job-server", runner=SPARK_RUNNER_ARTIFACT,
                   main="org.apache.beam.runners.spark.SparkJobServerDriver"),
     "flink": dict(job_server=f"beam-runners-flink-{FLINK_LINE}-job-server", runner=f"beam-runners-flink-{FLINK_LINE}",
                   main="org.apache.beam.runners.flink.FlinkJobServerDriver"),
@@ -184,13 +177,6 @@ def job_server_jars(engine: str, *, offline: bool = False) -> JobServerJars:
     notes.append(f"assembled {runner}:{JAVA_FALLBACK_VERSION} + {len(jars) - 1} dependencies in {lib}")
     return JobServerJars(engine, "assembled", JAVA_FALLBACK_VERSION, main, jars,
                          str(lib / f"{runner}-{JAVA_FALLBACK_VERSION}.jar"), notes)
-
-
-def spark_runner_jar() -> Path | None:
-    """The cached Beam Spark runner jar of the assembled job server, if there is one (see profiles.py)."""
-    runner = ENGINES["spark"]["runner"]
-    path = jars_dir() / f"{runner}-{JAVA_FALLBACK_VERSION}" / f"{runner}-{JAVA_FALLBACK_VERSION}.jar"
-    return path if path.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,27 @@ For a remote Spark/Flink job server or an EXTERNAL worker pool, override the pro
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from runners.clusters.local import DEFAULT_PORTS
+# The local clusters (`make cluster-up`, runners/clusters/local.py) listen on these loopback ports and cache
+# their job-server jars here; the spark and flink profiles below point at them.
+DEFAULT_PORTS = {"spark_master": 7077, "spark_master_ui": 8080, "spark_worker_ui": 8081,
+                 "spark_job": 8199, "flink_job": 8299}
+# Newest Beam Java release whose runner, job-service and fn-execution artifacts (and all their
+# dependencies) resolve from Maven Central on our machines (2.70.0 lacks beam-runners-java-job-service).
+JAVA_FALLBACK_VERSION = os.environ.get("POPCAST_BEAM_JAVA_VERSION", "2.62.0")
+SPARK_RUNNER_ARTIFACT = "beam-runners-spark-3"
+
+
+def jars_dir() -> Path:
+    return Path(os.environ.get("POPCAST_JARS_DIR", Path.home() / ".cache" / "popcast" / "jars"))
+
+
+def spark_runner_jar() -> Path | None:
+    """The cached Beam Spark runner jar of the assembled local job server, if there is one."""
+    name = f"{SPARK_RUNNER_ARTIFACT}-{JAVA_FALLBACK_VERSION}"
+    path = jars_dir() / name / f"{name}.jar"
+    return path if path.exists() else None
 
 SPARK_JOB_ENDPOINT = f"localhost:{DEFAULT_PORTS['spark_job']}"
 FLINK_JOB_ENDPOINT = f"localhost:{DEFAULT_PORTS['flink_job']}"
@@ -58,7 +77,6 @@ def _spark_staging(given: set[str]) -> list[str]:
     stages its whole JVM classpath, Spark's own 250 jars included (~400 MB per executor per job)."""
     if "files_to_stage" in given or "file_to_stage" in given:
         return []
-    from runners.clusters.local import spark_runner_jar
     jar = spark_runner_jar()
     return [f"--files_to_stage={jar}"] if jar else []
 

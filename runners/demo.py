@@ -13,7 +13,7 @@ import time
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.contracts import TARGETS
+from featurizers.core.contracts import TARGETS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,10 +33,10 @@ def step(name: str):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    from runners.model_commands import evaluate_main, train_main
     from pipelines.featurize import run as featurize
     from pipelines.sample_catalog import generate_sample
     from pipelines.score import run as score
+    from runners.model_commands import evaluate_main, train_main
 
     out = os.path.abspath(args.output)
     paths = {name: os.path.join(out, name) for name in ("sample", "features", "model", "report", "scored")}

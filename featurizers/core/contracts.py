@@ -61,6 +61,13 @@ ERRORS_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in ERROR_COLUMNS])
 
 # Feature tables: DIR/<modality>/*.parquet, keyed by video_id, one row per video.
 MODALITIES: tuple[str, ...] = ("visual", "audio", "text", "meta", "history")
+# Only rows with a video_uri can have these.
+MEDIA_MODALITIES: tuple[str, ...] = ("visual", "audio")
+# History depends on other rows' labels: opt-in, recomputed for every row on each run, never stored per id.
+OPTIONAL_MODALITIES: tuple[str, ...] = ("history",)
+DEFAULT_FEATURIZE_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITIES if m not in OPTIONAL_MODALITIES)
+# Youngest age (days) an observation is taken at: younger ones carry no usable age (featurizers and model).
+MIN_AGE_DAYS = 1.0 / 24.0
 FEATURE_KEY_COLUMNS = (pa.field("video_id", pa.string(), nullable=False),
                        pa.field("featurizer", pa.string(), nullable=False))  # "name@version"
 
@@ -136,7 +143,7 @@ def markdown_table(columns: tuple[Column, ...]) -> str:
 
 
 def readme_contracts() -> str:
-    """The README's "Data contracts" tables, generated here (`python -m pipelines.contracts`)."""
+    """The README's "Data contracts" tables, generated here (`python -m featurizers.core.contracts`)."""
     return "\n\n".join([
         "### Catalog (input of every job)\n\n" + markdown_table(CATALOG_COLUMNS),
         "### Scored table (output of `popcast score`, `TABLE/dt=YYYY-MM-DD/`)\n\n"

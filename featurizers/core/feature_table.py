@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
-from pipelines import storage
-from pipelines.contracts import FeatureSpec
+from featurizers.core import storage
+from featurizers.core.contracts import MEDIA_MODALITIES, FeatureSpec
+
+# The staged-catalog column that lists, per row, the modalities it still needs.
+NEEDS_COLUMN = "_needs"
 
 
 @dataclass
@@ -107,3 +113,62 @@ def feature_table_to_arrow(spec: FeatureSpec, video_ids: list[str], vectors: dic
     for name, dtype in spec.scalars:
         columns[name] = pa.array((scalars or {})[name], dtype)
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def parquet_files(uri: str) -> list[str]:
+    """Published Parquet files under a directory (paths inside its filesystem), skipping _ and . names."""
+    fs, root = storage.filesystem_and_path(uri)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                  and not i.base_name.startswith(("_", ".")))
+
+
+def read_columns(uri: str, columns: list[str]) -> pa.Table | None:
+    """Some columns of every published Parquet file under a directory; None when there is none."""
+    files = parquet_files(uri)
+    if not files:
+        return None
+    fs, _ = storage.filesystem_and_path(uri)
+    return ds.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def featurized_ids(features_dir: str, featurizers: Mapping[str, FeatureSpec | str]) -> dict[str, pa.Array]:
+    """Per modality, the video_ids already published by the same featurizer version (a spec or name@version),
+    as Arrow arrays (no Python strings: 1M ids cost ~1 s as a set)."""
+    done = {}
+    for modality, spec in featurizers.items():
+        featurizer = spec if isinstance(spec, str) else spec.featurizer_id
+        table = read_columns(modality_path(features_dir, modality), ["video_id", "featurizer"])
+        if table is None:
+            done[modality] = pa.array([], pa.string())
+            continue
+        same = table.filter(pc.equal(table.column("featurizer"), featurizer))
+        done[modality] = same.column("video_id").combine_chunks()
+    return done
+
+
+def modalities_needed(catalog: pa.Table, done: Mapping[str, pa.Array], modalities: list[str]) -> pa.ListArray:
+    """Per catalog row, the modalities it lacks and can have (media modalities need a video_uri), as
+    list<string>: the one rule of which rows need work, for featurize and for score's on-the-fly path.
+
+    Column operations only: 1M rows cost milliseconds instead of ~10 s of per-row Python.
+    """
+    ids = catalog.column("video_id")
+    has_media = pc.is_valid(catalog.column("video_uri")).to_numpy(zero_copy_only=False)
+    lacking = np.zeros((catalog.num_rows, len(modalities)), dtype=bool)
+    for j, modality in enumerate(modalities):
+        stored = done.get(modality, pa.array([], pa.string()))
+        lacking[:, j] = ~pc.is_in(ids, value_set=stored).to_numpy(zero_copy_only=False)
+        if modality in MEDIA_MODALITIES:
+            lacking[:, j] &= has_media
+    offsets = np.concatenate([[0], np.cumsum(lacking.sum(axis=1))]).astype(np.int32)
+    names = pa.array(np.asarray(modalities, dtype=object)[np.nonzero(lacking)[1]], pa.string())
+    return pa.ListArray.from_arrays(pa.array(offsets), names)
+
+
+def rows_needing_work(catalog: pa.Table, done: Mapping[str, pa.Array], modalities: list[str]) -> pa.Table:
+    """The catalog rows that still lack some modality they can have, with a `_needs` list column naming which."""
+    table = catalog.append_column(NEEDS_COLUMN, modalities_needed(catalog, done, modalities))
+    return table.filter(pc.greater(pc.list_value_length(table.column(NEEDS_COLUMN)), 0))
