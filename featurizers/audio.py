@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from featurizers.core.contracts import MISSING_VECTOR, FeatureSpec
+from featurizers.core.contracts import FeatureSpec
+from featurizers.core.feature_table import rows_to_table
 from featurizers.onnx_cpu import cpu_session
 
 SAMPLE_RATE = 16_000
@@ -542,16 +543,6 @@ def audio_features(waveform: np.ndarray | None, logmel: LogMelStats | None = Non
     return row
 
 
-def _nullable_vectors(rows: Sequence[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
-    """Missing vectors become all-NaN rows (contracts.MISSING_VECTOR: Parquet cannot round-trip null
-    fixed-size lists in pyarrow 25)."""
-    values = np.full((len(rows), dim), MISSING_VECTOR, dtype=np.float32)
-    for i, vector in enumerate(rows):
-        if vector is not None:
-            values[i] = vector
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
-
-
 def audio_feature_table(video_ids: Sequence[str], waveforms: Sequence[np.ndarray | None],
                         logmel: LogMelStats | None = None,
                         yamnet: YamnetEmbedder | None | bool = True) -> pa.Table:
@@ -567,15 +558,8 @@ def audio_feature_table(video_ids: Sequence[str], waveforms: Sequence[np.ndarray
 
 def audio_rows_to_table(video_ids: Sequence[str], rows: Sequence[dict], spec: FeatureSpec) -> pa.Table:
     """Rows from `audio_features` -> a table in spec.schema() (None vectors become all-NaN rows)."""
-    columns: dict[str, pa.Array] = {
-        "video_id": pa.array(list(video_ids), pa.string()),
-        "featurizer": pa.array([spec.featurizer_id] * len(rows), pa.string()),
-    }
-    for name, shape in spec.shapes.items():
-        columns[name] = _nullable_vectors([row[name] for row in rows], int(np.prod(shape)))
-    for name, dtype in spec.scalars:
-        columns[name] = pa.array([row[name] for row in rows], dtype)
-    return pa.Table.from_pydict(columns, schema=spec.schema())
+    return rows_to_table([{"video_id": vid, "featurizer": spec.featurizer_id, **row}
+                          for vid, row in zip(video_ids, rows)], spec.schema())
 
 
 def spec() -> FeatureSpec:

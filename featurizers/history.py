@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Iterable, Mapping
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS, FeatureSpec
+from featurizers.core.contracts import CATALOG_SCHEMA, MIN_AGE_DAYS, TARGETS, FeatureSpec
+from featurizers.core.feature_table import rows_to_table
 
 HISTORY_NAME, HISTORY_VERSION = "creator_history", "2"
 TREND_K = 3                       # trend = mean of the last K earlier labels − mean of those before them
@@ -330,29 +329,8 @@ def history_features(query: pa.Table, source: pa.Table, curve: AgeCurve) -> pa.T
 
 
 # ------------------------------------------------------------------------------------------ per author
-def _rows_to_table(rows: Iterable[Mapping], columns: tuple[str, ...]) -> pa.Table:
-    types = {"video_id": pa.string(), "author_id": pa.string(), "publish_time": pa.timestamp("us", tz="UTC"),
-             "observed_at": pa.timestamp("us", tz="UTC"), **{t: pa.int64() for t in TARGETS}}
-    rows = list(rows)
-    data = {c: pa.array([_plain(r.get(c), types[c]) for r in rows], types[c]) for c in columns}
-    return pa.Table.from_pydict(data)
-
-
-def _plain(value, dtype: pa.DataType):
-    """Row values as pyarrow accepts them (Beam rows may carry numpy scalars or naive datetimes)."""
-    if value is None:
-        return None
-    if pa.types.is_timestamp(dtype):
-        if isinstance(value, datetime) and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        if isinstance(value, np.datetime64):
-            return int(value.astype("datetime64[us]").astype(np.int64))
-        return value
-    if pa.types.is_integer(dtype):
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        return int(value)
-    return str(value)
+def _catalog_rows_to_table(rows: Iterable[Mapping], columns: tuple[str, ...]) -> pa.Table:
+    return rows_to_table(list(rows), pa.schema([CATALOG_SCHEMA.field(c) for c in columns]))
 
 
 def author_history_rows(query_rows: Iterable[Mapping], source_rows: Iterable[Mapping],
@@ -363,8 +341,8 @@ def author_history_rows(query_rows: Iterable[Mapping], source_rows: Iterable[Map
     Computes exactly what history_features computes on the whole table (rows are sorted inside, so the
     order in which a runner delivers a group does not matter).
     """
-    query = _rows_to_table(query_rows, QUERY_COLUMNS)
-    source = _rows_to_table(source_rows, SOURCE_COLUMNS)
+    query = _catalog_rows_to_table(query_rows, QUERY_COLUMNS)
+    source = _catalog_rows_to_table(source_rows, SOURCE_COLUMNS)
     return history_features(query, source, curve).to_pylist()
 
 

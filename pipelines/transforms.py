@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from featurizers import audio, meta, text, visual
 from featurizers.audio import audio_features
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES, MEDIA_MODALITIES, FeatureSpec
-from featurizers.core.feature_table import NEEDS_COLUMN
+from featurizers.core.feature_table import NEEDS_COLUMN, rows_to_table
 from featurizers.core.storage import local_path
 from featurizers.decode import (
     DEFAULT_AUDIO_SECONDS,
@@ -464,26 +464,6 @@ def _batch_errors(failed, stage: str, run_id: str):
 
 
 # ---------------------------------------------------------------- rows → Arrow tables
-
-def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Feature rows (numpy vectors, None for a missing vector) → one Arrow table in `schema`.
-
-    A missing vector is stored as all-NaN, never as a null list (see contracts.MISSING_VECTOR).
-    """
-    arrays = []
-    for f in schema:
-        values = [r.get(f.name) for r in rows]
-        if pa.types.is_fixed_size_list(f.type):
-            size = f.type.list_size
-            flat = np.full((len(rows), size), np.nan, dtype=np.float32)
-            for i, v in enumerate(values):
-                if v is not None:
-                    flat[i] = np.asarray(v, dtype=np.float32).reshape(-1)
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size))
-        else:
-            arrays.append(pa.array(values, f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
 
 class ToArrowTables(beam.PTransform):
     """Group rows into Arrow tables for WriteToParquetBatched."""

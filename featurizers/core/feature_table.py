@@ -6,8 +6,10 @@ straight from the Arrow value buffers, never per-row Python objects.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
-from typing import Mapping
+from datetime import datetime, timezone
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from featurizers.core import storage
-from featurizers.core.contracts import MEDIA_MODALITIES, FeatureSpec
+from featurizers.core.contracts import MEDIA_MODALITIES, MISSING_VECTOR, FeatureSpec
 
 # The staged-catalog column that lists, per row, the modalities it still needs.
 NEEDS_COLUMN = "_needs"
@@ -98,6 +100,48 @@ def feature_table_from_arrow(table: pa.Table, modality: str, metadata: dict | No
     return FeatureTable(modality=modality, featurizer=featurizer,
                         video_ids=table.column("video_id").to_numpy(zero_copy_only=False),
                         vectors=vectors, scalars=scalars, config=config)
+
+
+def _plain(value, dtype: pa.DataType):
+    """A row value as pyarrow accepts it for `dtype` (Beam rows may carry numpy scalars, naive datetimes
+    or NaN for a missing integer)."""
+    if value is None:
+        return None
+    if pa.types.is_timestamp(dtype):
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        if isinstance(value, np.datetime64):
+            return int(value.astype("datetime64[us]").astype(np.int64))
+        return value
+    if pa.types.is_integer(dtype):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return int(value)
+    if pa.types.is_string(dtype):
+        return str(value)
+    return value
+
+
+def rows_to_table(rows: Sequence[Mapping], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts; numpy vectors, None for a missing vector) → one Arrow table in `schema`: the one
+    rows→Arrow path of featurizers and pipelines.
+
+    A missing vector is stored as all-NaN, never as a null list (see contracts.MISSING_VECTOR); a key
+    absent from a row is null.
+    """
+    arrays = []
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        if pa.types.is_fixed_size_list(f.type):
+            size = f.type.list_size
+            flat = np.full((len(rows), size), MISSING_VECTOR, dtype=np.float32)
+            for i, v in enumerate(values):
+                if v is not None:
+                    flat[i] = np.asarray(v, dtype=np.float32).reshape(-1)
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size))
+        else:
+            arrays.append(pa.array([_plain(v, f.type) for v in values], f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def feature_table_to_arrow(spec: FeatureSpec, video_ids: list[str], vectors: dict[str, np.ndarray],
