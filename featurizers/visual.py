@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from featurizers.core.contracts import FeatureSpec
-from featurizers.core.storage import filesystem_and_path
+from featurizers.core.storage import local_model_dir, model_cache_dir
 from featurizers.onnx_cpu import cpu_session
 
 # Batch sizes when the caller gives none: CPU memory and latency favour small batches, a GPU big ones.
@@ -217,46 +217,6 @@ _DEFAULT_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 _IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def model_cache_dir() -> Path:
-    """Where remote (gs://) model directories are copied: $POPCAST_MODEL_CACHE or ~/.cache/popcast/models."""
-    return Path(os.environ.get("POPCAST_MODEL_CACHE", Path.home() / ".cache" / "popcast" / "models"))
-
-
-def download_model_dir(uri: str, cache_root: Path | None = None) -> Path:
-    """Copy every file under a model directory URI (gs://, file://) into a local cache dir.
-
-    The copy is keyed by the URI and reused once complete (a `.complete` marker is written last, so
-    an interrupted copy is redone rather than half-used).
-    """
-    import pyarrow.fs as pafs
-
-    target = (cache_root or model_cache_dir()) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    marker = target / ".complete"
-    if marker.exists():
-        return target
-    fs, root = filesystem_and_path(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = [info for info in infos if info.type == pafs.FileType.File]
-    if not files:
-        raise FileNotFoundError(f"no files under model directory {uri!r}")
-    for info in files:
-        relative = info.path[len(root):].lstrip("/")
-        destination = target / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as source, open(destination, "wb") as sink:
-            while chunk := source.read(8 << 20):
-                sink.write(chunk)
-    marker.write_text(uri)
-    return target
-
-
-def _resolve_model_source(model_source: str) -> str:
-    """A local directory, or a hub id (used as is), for from_pretrained; gs:// dirs are downloaded."""
-    if model_source.startswith("gs://") or model_source.startswith("file://"):
-        return str(download_model_dir(model_source))
-    return model_source
-
-
 def _config_fingerprint(config_dict: dict, preprocessing: dict) -> str:
     """Short, stable hash of what defines the model's outputs (library version fields dropped)."""
     cleaned = {k: v for k, v in config_dict.items()
@@ -284,7 +244,7 @@ class TransformersVisionEmbedder(_FrameEmbedder):
         from transformers import AutoConfig, AutoModel
 
         self.model_source = model_source
-        local = _resolve_model_source(model_source)
+        local = local_model_dir(model_source)
         config = AutoConfig.from_pretrained(local)
         self.model_type = getattr(config, "model_type", "unknown")
         vision_config = getattr(config, "vision_config", None) or config

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 
+from featurizers.core.storage import download_model_dir
 from featurizers.visual import (
     EfficientNetLite0Embedder,
     TransformersVisionEmbedder,
-    download_model_dir,
     resolve_device,
 )
 

@@ -1,13 +1,22 @@
 """Local and gs:// paths through pyarrow filesystems, Beam-free (used by the CLI, readers and the model).
 
 `STORAGE_EMULATOR_HOST` (the GCS emulator convention) points gs:// at an emulator, anonymously.
+Model directories named by URI are copied once into a local cache (`POPCAST_CACHE_DIR`, default
+~/.cache/popcast; model copies and exported graphs under its models/, or `POPCAST_MODEL_CACHE`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+__all__ = ["scheme_of", "local_path", "filesystem_and_path", "join", "exists", "read_bytes", "write_bytes",
+           "cache_dir", "model_cache_dir", "download_model_dir", "local_model_dir"]
 
 
 def scheme_of(uri: str) -> str:
@@ -63,3 +72,73 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def cache_dir() -> Path:
+    """popcast's local cache root: $POPCAST_CACHE_DIR or ~/.cache/popcast."""
+    return Path(os.environ.get("POPCAST_CACHE_DIR", Path.home() / ".cache" / "popcast"))
+
+
+def model_cache_dir() -> Path:
+    """Where model directories and exported model graphs are cached: $POPCAST_MODEL_CACHE, else
+    cache_dir()/models."""
+    override = os.environ.get("POPCAST_MODEL_CACHE")
+    return Path(override) if override else cache_dir() / "models"
+
+
+_COMPLETE = ".complete"
+
+
+def download_model_dir(uri: str, cache_root: Path | None = None) -> Path:
+    """A local copy of every file under a model directory URI (gs://, file://), made once and reused.
+
+    The copy is keyed by the URI. It is written into a staging directory that is renamed into place
+    with a `.complete` marker inside, so concurrent workers never see half a model and an interrupted
+    copy is redone rather than half-used.
+    """
+    import pyarrow.fs as pafs
+
+    target = Path(cache_root or model_cache_dir()) / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    if (target / _COMPLETE).exists():
+        return target
+    fs, root = filesystem_and_path(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    files = [info for info in infos if info.type == pafs.FileType.File]
+    if not files:
+        raise FileNotFoundError(f"no files under model directory {uri!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
+    try:
+        for info in files:
+            destination = staging / info.path[len(root):].lstrip("/")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as source, open(destination, "wb") as sink:
+                shutil.copyfileobj(source, sink, length=8 << 20)
+        (staging / _COMPLETE).write_text(uri)
+        shutil.rmtree(target, ignore_errors=True)   # an interrupted copy from an older version
+        try:
+            os.replace(staging, target)
+        except OSError:   # another worker finished first; its copy is the same model
+            if not (target / _COMPLETE).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def local_model_dir(source: str | os.PathLike, cache_root: Path | None = None) -> str:
+    """What `from_pretrained` can load for a configured model source: a local directory or file:// URI as
+    is, a gs:// directory as a local copy (download_model_dir), anything without a scheme that is not a
+    directory as a Hugging Face hub id (it loads only from the local hub cache when offline)."""
+    text = os.fspath(source)
+    scheme = scheme_of(text)
+    if scheme == "gs":
+        return str(download_model_dir(text, cache_root))
+    local = local_path(text)
+    if scheme == "file" or os.path.isdir(local):
+        if not os.path.isdir(local):
+            raise FileNotFoundError(f"model directory {local!r} does not exist")
+        return local
+    if scheme:
+        raise ValueError(f"unsupported model source scheme {scheme!r} in {text!r} (use a directory, file:// or gs://)")
+    return text
