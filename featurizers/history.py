@@ -27,6 +27,10 @@ import pyarrow as pa
 from featurizers.core.contracts import CATALOG_SCHEMA, MIN_AGE_DAYS, TARGETS, FeatureSpec
 from featurizers.core.feature_table import rows_to_table
 
+__all__ = ["TREND_K", "QUERY_COLUMNS", "SOURCE_COLUMNS", "HISTORY_FEATURE_NAMES", "AgeCurve", "fit_age_curve",
+           "history_spec", "curve_from_spec_config", "combine_sources", "history_features", "author_history_rows",
+           "no_history_row"]
+
 HISTORY_NAME, HISTORY_VERSION = "creator_history", "2"
 TREND_K = 3                       # trend = mean of the last K earlier labels − mean of those before them
 CURVE_DEGREE = 2

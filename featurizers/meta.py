@@ -16,6 +16,12 @@ import pyarrow.compute as pc
 from featurizers.core.contracts import LABEL_COLUMNS, FeatureSpec
 from featurizers.text import caption_length
 
+__all__ = [
+    "meta_features", "meta_features_table", "facts_table", "language_bucket", "age_days",
+    "META_SPEC", "META_NAME", "META_VERSION", "META_SCALARS", "META_FEATURE_NAMES", "META_INPUT_COLUMNS",
+    "FACT_KEYS", "LANGUAGE_BUCKETS",
+]
+
 META_NAME, META_VERSION = "meta", "1"
 LANGUAGE_BUCKETS = 32  # bucket 0 = language missing or "un"/"und"; codes hash into 1..31
 _UNKNOWN_LANGUAGES = frozenset({"", "un", "und", "unknown", "xx", "zz"})
@@ -61,10 +67,6 @@ _HASHTAG_IN_TITLE = re.compile(r"#\w+")
 # in pyarrow 25.0.1 every form returns NFD, so lengths are made normalisation-free instead.
 _HASHTAG_IN_TITLE_RE2 = r"#[\p{L}\p{N}_]+"
 _COMBINING_MARK_RE2 = r"\p{M}"
-
-
-def spec() -> FeatureSpec:
-    return META_SPEC
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,38 +244,9 @@ def meta_features_table(catalog: pa.Table,
     followers = followers.to_numpy(zero_copy_only=False)
     followers_ok = np.isfinite(followers)  # null -> NaN
     catalog_duration = _positive_or_nan(_column(catalog, "duration_s", pa.float64()))
-
-    publish = _column(catalog, "publish_time", pa.timestamp("us", tz="UTC"))
-    if publish.null_count:
-        raise ValueError(f"{publish.null_count} catalog rows have no publish_time (a required column)")
-    publish = publish.cast(pa.timestamp("us", tz="UTC"))
-
-    # One chunk for the regex kernels: Arrow compiles the RE2 pattern again for every chunk.
-    title = _column(catalog, "title", pa.string()).combine_chunks().fill_null("")
-    caption_chars = (pc.utf8_length(title).to_numpy(zero_copy_only=False)
-                     - pc.count_substring_regex(title, _COMBINING_MARK_RE2).to_numpy(zero_copy_only=False))
-    hashtags = _column(catalog, "hashtags", pa.list_(pa.string()))
-    no_list = pc.is_null(hashtags).to_numpy(zero_copy_only=False)
-    hashtag_count = np.nan_to_num(pc.list_value_length(hashtags).to_numpy(zero_copy_only=False)
-                                  .astype(np.float64))
-    if no_list.any():  # only rows without a hashtag list pay for the regex over the title
-        titles_without_list = pc.filter(title, pa.array(no_list))
-        hashtag_count[no_list] = pc.count_substring_regex(
-            titles_without_list, _HASHTAG_IN_TITLE_RE2).to_numpy(zero_copy_only=False)
-
-    def non_empty(name: str) -> np.ndarray:
-        column = _column(catalog, name, pa.string()).cast(pa.string())
-        return pc.fill_null(pc.greater(pc.utf8_length(column), 0), False).to_numpy(zero_copy_only=False)
-
-    # Few distinct language codes: hash the dictionary, then gather.
-    languages = _column(catalog, "language", pa.string()).cast(pa.string()).combine_chunks()
-    languages = languages.dictionary_encode()
-    bucket_of_code = np.array([language_bucket(code) for code in languages.dictionary.to_pylist()]
-                              + [0], dtype=np.int32)
-    codes = languages.indices.to_numpy(zero_copy_only=False)
-    codes = np.where(pc.is_null(languages.indices).to_numpy(zero_copy_only=False), -1,
-                     np.nan_to_num(codes.astype(np.float64), nan=-1)).astype(np.int64)
-    language_buckets = bucket_of_code[codes]  # -1 picks the trailing 0 (null language)
+    publish = _publish_times(catalog)
+    caption_chars, hashtag_count = _caption_counts(catalog)
+    language_buckets = _language_buckets(catalog)
 
     fact_values = _facts_aligned(video_ids, facts_by_id, n)
     facts_known = fact_values.pop("_known")
@@ -294,9 +267,9 @@ def meta_features_table(catalog: pa.Table,
         "publish_weekday": pc.day_of_week(publish),
         "caption_chars": caption_chars,
         "hashtag_count": hashtag_count.astype(np.int32),
-        "has_music": _flag(non_empty("music_id")),
+        "has_music": _flag(_non_empty(catalog, "music_id")),
         "language_bucket": language_buckets,
-        "has_media": _flag(non_empty("video_uri")),
+        "has_media": _flag(_non_empty(catalog, "video_uri")),
         "facts_known": _flag(facts_known),
         "log_bytes": _log1p_or_zero(fact_values["bytes"]),
         "fps": np.nan_to_num(fact_values["fps"]).astype(np.float32),
@@ -304,6 +277,55 @@ def meta_features_table(catalog: pa.Table,
         "is_vertical": _flag(np.nan_to_num(aspect, nan=np.inf) < 1.0),
         "has_audio": _flag(fact_values["has_audio"] > 0),
     }
+    return _in_meta_schema(columns)
+
+
+def _publish_times(catalog: pa.Table) -> pa.ChunkedArray:
+    """publish_time as UTC microseconds; a null is an error, as in `meta_features`."""
+    publish = _column(catalog, "publish_time", pa.timestamp("us", tz="UTC"))
+    if publish.null_count:
+        raise ValueError(f"{publish.null_count} catalog rows have no publish_time (a required column)")
+    return publish.cast(pa.timestamp("us", tz="UTC"))
+
+
+def _caption_counts(catalog: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(caption_chars, hashtag_count as float64) per row, as `caption_length` and the row path count them."""
+    # One chunk for the regex kernels: Arrow compiles the RE2 pattern again for every chunk.
+    title = _column(catalog, "title", pa.string()).combine_chunks().fill_null("")
+    caption_chars = (pc.utf8_length(title).to_numpy(zero_copy_only=False)
+                     - pc.count_substring_regex(title, _COMBINING_MARK_RE2).to_numpy(zero_copy_only=False))
+    hashtags = _column(catalog, "hashtags", pa.list_(pa.string()))
+    no_list = pc.is_null(hashtags).to_numpy(zero_copy_only=False)
+    hashtag_count = np.nan_to_num(pc.list_value_length(hashtags).to_numpy(zero_copy_only=False)
+                                  .astype(np.float64))
+    if no_list.any():  # only rows without a hashtag list pay for the regex over the title
+        titles_without_list = pc.filter(title, pa.array(no_list))
+        hashtag_count[no_list] = pc.count_substring_regex(
+            titles_without_list, _HASHTAG_IN_TITLE_RE2).to_numpy(zero_copy_only=False)
+    return caption_chars, hashtag_count
+
+
+def _non_empty(catalog: pa.Table, name: str) -> np.ndarray:
+    """True where the string column has a non-empty value (null and "" are both absent)."""
+    column = _column(catalog, name, pa.string()).cast(pa.string())
+    return pc.fill_null(pc.greater(pc.utf8_length(column), 0), False).to_numpy(zero_copy_only=False)
+
+
+def _language_buckets(catalog: pa.Table) -> np.ndarray:
+    """language_bucket per row, int32."""
+    # Few distinct language codes: hash the dictionary, then gather.
+    languages = _column(catalog, "language", pa.string()).cast(pa.string()).combine_chunks()
+    languages = languages.dictionary_encode()
+    bucket_of_code = np.array([language_bucket(code) for code in languages.dictionary.to_pylist()]
+                              + [0], dtype=np.int32)
+    codes = languages.indices.to_numpy(zero_copy_only=False)
+    codes = np.where(pc.is_null(languages.indices).to_numpy(zero_copy_only=False), -1,
+                     np.nan_to_num(codes.astype(np.float64), nan=-1)).astype(np.int64)
+    return bucket_of_code[codes]  # -1 picks the trailing 0 (null language)
+
+
+def _in_meta_schema(columns: Mapping[str, Any]) -> pa.Table:
+    """The columns (numpy or Arrow) cast to META_SPEC.schema(), in its order."""
     schema = META_SPEC.schema()
     arrays = [pa.array(columns[field.name], type=field.type)
               if not isinstance(columns[field.name], (pa.Array, pa.ChunkedArray))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = ["cpu_session"]
+
 
 def cpu_session(model_path: str | Path, threads: int):
     """An onnxruntime CPU session with `threads` intra-op threads that never spin when idle.

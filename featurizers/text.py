@@ -21,6 +21,11 @@ from featurizers.core import storage
 from featurizers.core.contracts import FeatureSpec
 from featurizers.core.feature_table import feature_table_to_arrow
 
+__all__ = ["BOW_DIM", "normalize_text", "normalize_hashtag", "caption_text", "caption_length", "tokenize",
+           "feature_hash", "hashtag_hashes", "hashed_bag_of_words", "TextEmbedder", "packaged_minilm_dir",
+           "resolve_model_source", "SentenceEmbedder", "MultilingualE5Embedder", "EMBEDDERS", "make_text_embedder",
+           "text_spec", "text_features", "text_feature_table", "spec"]
+
 BOW_DIM = 512
 TEXT_VERSION = "1"
 HASHTAG_PREFIX = "#"  # hashtags share the word hashing space under this prefix: "#travel" != "travel"

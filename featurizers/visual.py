@@ -20,6 +20,8 @@ from featurizers.core.contracts import FeatureSpec
 from featurizers.core.storage import local_model_dir, model_cache_dir
 from featurizers.onnx_cpu import cpu_session
 
+__all__ = ["resolve_device", "frames_spec", "EfficientNetLite0Embedder", "TransformersVisionEmbedder"]
+
 # Batch sizes when the caller gives none: CPU memory and latency favour small batches, a GPU big ones.
 _CUDA_BATCH_SIZE = 512
 

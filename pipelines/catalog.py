@@ -28,6 +28,9 @@ from featurizers.core.contracts import (
     UTC_TIMESTAMP,
 )
 
+__all__ = ["CatalogProblem", "CatalogError", "read_raw", "conform", "check", "read_catalog", "write_catalog",
+           "summarize"]
+
 MAX_PROBLEMS_SHOWN = 50
 
 

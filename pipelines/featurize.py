@@ -51,6 +51,8 @@ from pipelines.transforms import (
     feature_specs,
 )
 
+__all__ = ["parse_known_args", "FeaturizeSummary", "make_config", "build_pipeline", "run", "main"]
+
 _DEFAULTS = FeaturizeConfig()
 
 

@@ -35,6 +35,9 @@ from pipelines.catalog import read_catalog
 from pipelines.shards import split_into_shards
 from pipelines.transforms import CountAndLog, ToArrowTables
 
+__all__ = ["author_bucket", "CreatorHistory", "curves_dir", "prepare_history", "find_history_spec",
+           "stage_history_inputs", "history_side"]
+
 QUERY, SOURCE, BOTH = "q", "s", "qs"
 
 

@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 from featurizers.core import storage
 from featurizers.core.feature_table import read_columns
 
+__all__ = ["parse_target", "open_catalog", "with_partition_column", "overwrite_partitions"]
+
 PARTITION_COLUMN = "dt"
 
 

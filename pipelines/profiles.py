@@ -19,6 +19,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["DEFAULT_PORTS", "JAVA_FALLBACK_VERSION", "SPARK_RUNNER_ARTIFACT", "jars_dir", "spark_runner_jar",
+           "PROFILES", "expand"]
+
 # The local clusters (`make cluster-up`, runners/clusters/local.py) listen on these loopback ports and cache
 # their job-server jars here; the spark and flink profiles below point at them.
 DEFAULT_PORTS = {"spark_master": 7077, "spark_master_ui": 8080, "spark_worker_ui": 8081,

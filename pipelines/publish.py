@@ -18,6 +18,10 @@ from featurizers.core import storage
 from featurizers.core.contracts import ERRORS_SCHEMA
 from featurizers.core.feature_table import parquet_files
 
+__all__ = ["CATALOG_ROW_COLUMN", "dictionary_columns", "write_table", "publish_features", "write_run_summary",
+           "remove_staging", "staged_prediction_schema", "publish_partitions", "partition_id_array",
+           "publish_errors"]
+
 _EPOCH_DAY = date(1970, 1, 1)
 # Staged score rows carry their row number in the scored catalog, so publishing attaches the catalog
 # columns by position (a gather) rather than by a hash join on video_id.

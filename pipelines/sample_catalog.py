@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any, Mapping
@@ -23,6 +24,20 @@ import pyarrow.parquet as pq
 
 from featurizers.core.contracts import CATALOG_SCHEMA
 from featurizers.core.storage import local_path, scheme_of
+
+__all__ = [
+    # entry points
+    "generate_rows", "generate_sample", "render_video", "describe_rule", "reference_time", "age_growth",
+    "LATENTS_SCHEMA",
+    # formats and the rule's constants (describe_rule and the tests read them)
+    "RESOLUTIONS", "FPS_CHOICES", "GOP_CHOICES", "DURATION_BANDS", "EXPENSIVE_MAX_DURATION_S", "AUDIO_KINDS",
+    "SILENT_SHARE_OF_QUIET", "AUDIO_SAMPLE_RATES", "NULL_RATES", "PUBLISH_WINDOW_DAYS", "AGE_RANGE_DAYS",
+    "REFERENCE_BASE", "TOPICS", "TOPIC_NAMES", "TOPIC_ENGAGEMENT", "GENERIC_HASHTAGS", "OPENERS", "CLOSERS",
+    "INTERCEPT", "VISUAL_VIVIDNESS_COEF", "VISUAL_MOTION_COEF", "AUDIO_LOUDNESS_COEF", "AUDIO_NO_STREAM_EFFECT",
+    "FOLLOWERS_COEF", "FOLLOWERS_LOG_MEAN", "FOLLOWERS_LOG_SD", "DURATION_COEF", "HOUR_COEF", "PEAK_HOUR_UTC",
+    "CREATOR_EFFECT_SD", "NOISE_SD", "LIKE_RATE", "COMMENT_RATE", "SHARE_RATE", "LIKE_VIVIDNESS_COEF",
+    "RATE_NOISE_SD",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Formats: what real short videos look like, and how often (weights are probabilities).
@@ -165,8 +180,64 @@ def generate_rows(n: int, seed: int = 0, size_scale: float = 1.0) -> tuple[pa.Ta
     if not size_scale > 0:
         raise ValueError(f"size_scale must be > 0, got {size_scale}")
     rng = np.random.default_rng(seed)
+    # Every step below draws from the one generator, so their order is part of the seed's catalog:
+    # reordering them (or the draws inside them) changes every sample and the tests pinned to it.
+    video_ids = _draw_video_ids(rng, n)
+    creators = _draw_creators(rng, n)
+    formats = _draw_formats(rng, n, size_scale)
+    visual = _draw_visual(rng, n)
+    audio = _draw_audio(rng, n)
+    captions = _draw_captions(rng, creators.language_of_videos)
+    music_ids = _draw_music_ids(rng, audio.kind)
+    timing = _draw_timing(rng, n, seed)
+    popularity = _draw_popularity(rng, visual, audio, captions, formats, timing, creators)
+    render_seed = rng.integers(0, 2**31 - 1, n)
+    # Unknown is not zero: a few counts (and languages) are missing.
+    language = _with_nulls(rng, captions.language, NULL_RATES["language"])
+    likes = _with_nulls(rng, popularity.likes, NULL_RATES["likes"])
+    comments = _with_nulls(rng, popularity.comments, NULL_RATES["comments"])
+    shares = _with_nulls(rng, popularity.shares, NULL_RATES["shares"])
 
-    # Ids look like platform ids (19 digits), unique within the sample.
+    catalog = pa.table({
+        "video_id": video_ids,
+        "publish_time": timing.publish,
+        "video_uri": [None] * n,
+        "title": captions.titles,
+        "hashtags": captions.hashtags,
+        "duration_s": formats.duration.astype(np.float64),
+        "author_id": [creators.ids[c] for c in creators.of_video],
+        "author_followers": np.round(np.exp(popularity.log_followers)).astype(np.int64),
+        "music_id": music_ids,
+        "language": language,
+        "observed_at": timing.observed,
+        "views": popularity.views,
+        "likes": likes,
+        "comments": comments,
+        "shares": shares,
+    }, schema=CATALOG_SCHEMA)
+    latents = pa.table({
+        "video_id": video_ids,
+        "vividness": visual.vividness, "motion": visual.motion, "hue": visual.hue,
+        "brightness": visual.brightness, "saturation": visual.saturation,
+        "audio_kind": audio.kind.tolist(), "has_audio": audio.has_audio, "loudness": audio.loudness,
+        "bpm": audio.bpm, "sample_rate": audio.sample_rate,
+        "topic": captions.topic.tolist(), "topic_effect": captions.topic_effect,
+        "log_followers": popularity.log_followers, "hour_utc": timing.hour_utc, "age_days": timing.age_days,
+        "creator_effect": popularity.creator_effect,
+        "width": formats.widths, "height": formats.heights, "fps": formats.fps,
+        "frames": formats.duration * formats.fps, "gop": formats.gop, "render_seed": render_seed,
+        "effect_visual": popularity.effect_visual, "effect_audio": popularity.effect_audio,
+        "effect_text": popularity.effect_text, "effect_meta": popularity.effect_meta,
+        "noise": popularity.noise, "log_views_expected": popularity.log_views_expected,
+    }, schema=LATENTS_SCHEMA)
+    return catalog, latents
+
+
+# The draws of generate_rows, one per concern. Each takes the shared generator and must keep the
+# order of its own draws: that order is what makes a seed's catalog reproducible.
+
+def _draw_video_ids(rng: np.random.Generator, n: int) -> list[str]:
+    """Ids that look like platform ids (19 digits), unique within the sample."""
     video_ids: list[str] = []
     seen: set[int] = set()
     while len(video_ids) < n:
@@ -174,18 +245,45 @@ def generate_rows(n: int, seed: int = 0, size_scale: float = 1.0) -> tuple[pa.Ta
         if value not in seen:
             seen.add(value)
             video_ids.append(str(value))
+    return video_ids
 
-    # Creators: a few post many videos (Zipf-like), so "known creator" history exists.
+
+@dataclass(frozen=True)
+class _Creators:
+    ids: list[str]
+    log_followers: np.ndarray   # per creator
+    effects: np.ndarray         # hidden per-creator quality
+    language: np.ndarray        # per creator: "vi" or "en"
+    of_video: np.ndarray        # creator index of each video
+
+    @property
+    def language_of_videos(self) -> np.ndarray:
+        return self.language[self.of_video]
+
+
+def _draw_creators(rng: np.random.Generator, n: int) -> _Creators:
+    """A few creators post many videos (Zipf-like), so "known creator" history exists."""
     n_creators = max(2, int(round(n / 3)))
-    creator_ids = [str(int(rng.integers(6_500_000_000_000_000_000, 6_999_999_999_999_999_999)))
-                   for _ in range(n_creators)]
-    creator_log_followers = rng.normal(FOLLOWERS_LOG_MEAN, FOLLOWERS_LOG_SD, n_creators)
-    creator_effects = rng.normal(0.0, CREATOR_EFFECT_SD, n_creators)
-    creator_language = np.where(rng.random(n_creators) < 0.6, "vi", "en")
-    creator_weights = 1.0 / np.arange(1, n_creators + 1) ** 0.8
-    creator_of = rng.choice(n_creators, size=n, p=creator_weights / creator_weights.sum())
+    ids = [str(int(rng.integers(6_500_000_000_000_000_000, 6_999_999_999_999_999_999)))
+           for _ in range(n_creators)]
+    log_followers = rng.normal(FOLLOWERS_LOG_MEAN, FOLLOWERS_LOG_SD, n_creators)
+    effects = rng.normal(0.0, CREATOR_EFFECT_SD, n_creators)
+    language = np.where(rng.random(n_creators) < 0.6, "vi", "en")
+    weights = 1.0 / np.arange(1, n_creators + 1) ** 0.8
+    of_video = rng.choice(n_creators, size=n, p=weights / weights.sum())
+    return _Creators(ids, log_followers, effects, language, of_video)
 
-    # Formats.
+
+@dataclass(frozen=True)
+class _Formats:
+    fps: np.ndarray
+    gop: np.ndarray
+    duration: np.ndarray        # whole seconds, int64
+    widths: np.ndarray          # rendered (after size_scale)
+    heights: np.ndarray
+
+
+def _draw_formats(rng: np.random.Generator, n: int, size_scale: float) -> _Formats:
     resolution_idx = _weighted_choice(rng, RESOLUTIONS, n)
     fps = np.array([FPS_CHOICES[i][0] for i in _weighted_choice(rng, FPS_CHOICES, n)], dtype=np.int64)
     gop = rng.choice(np.array(GOP_CHOICES, dtype=np.int64), size=n)
@@ -196,45 +294,92 @@ def generate_rows(n: int, seed: int = 0, size_scale: float = 1.0) -> tuple[pa.Ta
     duration = np.where(expensive, np.minimum(duration, EXPENSIVE_MAX_DURATION_S), duration)
     widths, heights = zip(*(_scaled_size(RESOLUTIONS[i][0], RESOLUTIONS[i][1], size_scale)
                             for i in resolution_idx))
+    return _Formats(fps, gop, duration, np.array(widths, dtype=np.int64), np.array(heights, dtype=np.int64))
 
-    # Visual latents: vividness drives saturation and brightness (with a little independent jitter).
+
+@dataclass(frozen=True)
+class _Visual:
+    vividness: np.ndarray
+    motion: np.ndarray
+    hue: np.ndarray
+    brightness: np.ndarray
+    saturation: np.ndarray
+
+
+def _draw_visual(rng: np.random.Generator, n: int) -> _Visual:
+    """Vividness drives saturation and brightness (with a little independent jitter), so the rule's
+    visual effect is visible in the rendered pixels."""
     vividness = rng.uniform(0.0, 1.0, n)
     motion = rng.uniform(0.0, 1.0, n)
     hue = rng.uniform(0.0, 1.0, n)
     brightness = np.clip(0.2 + 0.6 * vividness + rng.normal(0, 0.08, n), 0.1, 0.9)
     saturation = np.clip(0.1 + 0.8 * vividness + rng.normal(0, 0.08, n), 0.0, 1.0)
+    return _Visual(vividness, motion, hue, brightness, saturation)
 
-    # Audio latents.
-    audio_kind = np.array([AUDIO_KINDS[i][0] for i in _weighted_choice(rng, AUDIO_KINDS, n)])
+
+@dataclass(frozen=True)
+class _Audio:
+    kind: np.ndarray            # AUDIO_KINDS names
+    loudness: np.ndarray
+    bpm: np.ndarray             # 0 unless a beat
+    sample_rate: np.ndarray
+    has_audio: np.ndarray
+
+
+def _draw_audio(rng: np.random.Generator, n: int) -> _Audio:
+    kind = np.array([AUDIO_KINDS[i][0] for i in _weighted_choice(rng, AUDIO_KINDS, n)])
     silent = rng.random(n) < SILENT_SHARE_OF_QUIET
-    loudness = np.where(audio_kind == "beat", rng.uniform(0.45, 1.0, n),
-                        np.where((audio_kind == "quiet") & ~silent, rng.uniform(0.02, 0.15, n), 0.0))
-    bpm = np.where(audio_kind == "beat", np.round(rng.uniform(85, 150, n)), 0.0)
+    loudness = np.where(kind == "beat", rng.uniform(0.45, 1.0, n),
+                        np.where((kind == "quiet") & ~silent, rng.uniform(0.02, 0.15, n), 0.0))
+    bpm = np.where(kind == "beat", np.round(rng.uniform(85, 150, n)), 0.0)
     sample_rate = rng.choice(np.array(AUDIO_SAMPLE_RATES, dtype=np.int64), size=n)
-    has_audio = audio_kind != "none"
+    return _Audio(kind, loudness, bpm, sample_rate, kind != "none")
 
-    # Text: topic and language, then a caption in that language with topic words and hashtags.
+
+@dataclass(frozen=True)
+class _Captions:
+    topic: np.ndarray           # TOPIC_NAMES
+    topic_effect: np.ndarray
+    language: np.ndarray        # "vi" or "en", before nulls
+    titles: list[str]
+    hashtags: list[list[str]]
+
+
+def _draw_captions(rng: np.random.Generator, creator_language: np.ndarray) -> _Captions:
+    """A topic per video, a language (mostly the creator's), then a caption in that language with
+    topic words and hashtags."""
+    n = len(creator_language)
     topic_idx = rng.integers(0, len(TOPIC_NAMES), n)
     topic = np.array([TOPIC_NAMES[i] for i in topic_idx])
     topic_effect = np.array([TOPICS[t][0] for t in topic])
-    caption_language = np.where(rng.random(n) < 0.9, creator_language[creator_of],
-                                np.where(creator_language[creator_of] == "vi", "en", "vi"))
+    language = np.where(rng.random(n) < 0.9, creator_language,
+                        np.where(creator_language == "vi", "en", "vi"))
     titles: list[str] = []
     hashtags: list[list[str]] = []
     for i in range(n):
-        lang = str(caption_language[i])
-        _, en_words, vi_words, topic_tags = TOPICS[topic[i]]
-        words = en_words if lang == "en" else vi_words
-        opener = OPENERS[lang][rng.integers(len(OPENERS[lang]))]
-        closer = CLOSERS[lang][rng.integers(len(CLOSERS[lang]))]
-        tags = list(rng.choice(topic_tags, size=int(rng.integers(1, 3)), replace=False))
-        tags += list(rng.choice(GENERIC_HASHTAGS, size=int(rng.integers(0, 3)), replace=False))
-        tags = [str(t) for t in dict.fromkeys(tags)]
-        titles.append(f"{opener} {words[rng.integers(len(words))]}{closer} " + " ".join(f"#{t}" for t in tags))
+        title, tags = _draw_caption(rng, str(language[i]), str(topic[i]))
+        titles.append(title)
         hashtags.append(tags)
+    return _Captions(topic, topic_effect, language, titles, hashtags)
 
-    # Music: beats use a shared pool of tracks; quiet tracks are each video's "original sound";
-    # a video without an audio stream has no music id.
+
+def _draw_caption(rng: np.random.Generator, lang: str, topic: str) -> tuple[str, list[str]]:
+    """(title, hashtags) of one video: opener, a topic word, closer, then the hashtags."""
+    _, en_words, vi_words, topic_tags = TOPICS[topic]
+    words = en_words if lang == "en" else vi_words
+    opener = OPENERS[lang][rng.integers(len(OPENERS[lang]))]
+    closer = CLOSERS[lang][rng.integers(len(CLOSERS[lang]))]
+    tags = list(rng.choice(topic_tags, size=int(rng.integers(1, 3)), replace=False))
+    tags += list(rng.choice(GENERIC_HASHTAGS, size=int(rng.integers(0, 3)), replace=False))
+    tags = [str(t) for t in dict.fromkeys(tags)]
+    title = f"{opener} {words[rng.integers(len(words))]}{closer} " + " ".join(f"#{t}" for t in tags)
+    return title, tags
+
+
+def _draw_music_ids(rng: np.random.Generator, audio_kind: np.ndarray) -> list[str | None]:
+    """Beats use a shared pool of tracks (so music ids repeat, as on the platform); quiet tracks are
+    each video's "original sound"; a video without an audio stream has no music id."""
+    n = len(audio_kind)
     music_pool = [str(int(rng.integers(6_800_000_000_000_000_000, 6_899_999_999_999_999_999)))
                   for _ in range(max(3, n // 6))]
     music_ids: list[str | None] = []
@@ -245,9 +390,21 @@ def generate_rows(n: int, seed: int = 0, size_scale: float = 1.0) -> tuple[pa.Ta
             music_ids.append(str(int(rng.integers(6_900_000_000_000_000_000, 6_999_999_999_999_999_999))))
         else:
             music_ids.append(None)
+    return music_ids
 
-    # Time: publish over the window ending at the seed's reference date, most posts in the evening
-    # (Vietnam time); counts observed 1-30 days later.
+
+@dataclass(frozen=True)
+class _Timing:
+    hour_utc: np.ndarray
+    age_days: np.ndarray
+    publish: list[datetime]
+    observed: list[datetime]
+
+
+def _draw_timing(rng: np.random.Generator, n: int, seed: int) -> _Timing:
+    """Publish over the window ending at the seed's reference date (not the wall clock, so a seed
+    always gives the same catalog), most posts in the evening (Vietnam time); counts observed
+    AGE_RANGE_DAYS later."""
     reference = reference_time(seed)
     day_offset = rng.integers(0, PUBLISH_WINDOW_DAYS, n)
     hour_utc = np.where(rng.random(n) < 0.6, np.round(rng.normal(PEAK_HOUR_UTC, 2.5, n)) % 24,
@@ -258,21 +415,52 @@ def generate_rows(n: int, seed: int = 0, size_scale: float = 1.0) -> tuple[pa.Ta
                                               seconds=-int(second_of_hour[i])) for i in range(n)]
     age_days = rng.uniform(AGE_RANGE_DAYS[0], AGE_RANGE_DAYS[1], n)
     observed = [publish[i] + timedelta(days=float(age_days[i])) for i in range(n)]
+    return _Timing(hour_utc, age_days, publish, observed)
 
-    # The rule.
-    log_followers = creator_log_followers[creator_of]
-    effect_visual = VISUAL_VIVIDNESS_COEF * (vividness - 0.5) + VISUAL_MOTION_COEF * (motion - 0.5)
-    effect_audio = AUDIO_LOUDNESS_COEF * (loudness - 0.35) + np.where(has_audio, 0.0, AUDIO_NO_STREAM_EFFECT)
-    effect_text = topic_effect
+
+@dataclass(frozen=True)
+class _Popularity:
+    """The rule's parts (kept for latents.parquet diagnostics) and the counts drawn from them."""
+    log_followers: np.ndarray
+    creator_effect: np.ndarray
+    effect_visual: np.ndarray
+    effect_audio: np.ndarray
+    effect_text: np.ndarray
+    effect_meta: np.ndarray
+    noise: np.ndarray
+    log_views_expected: np.ndarray
+    views: np.ndarray
+    likes: np.ndarray
+    comments: np.ndarray
+    shares: np.ndarray
+
+
+def _draw_popularity(rng: np.random.Generator, visual: _Visual, audio: _Audio, captions: _Captions,
+                     formats: _Formats, timing: _Timing, creators: _Creators) -> _Popularity:
+    """The documented rule (describe_rule): expected log views per modality, then noisy counts."""
+    n = len(visual.vividness)
+    log_followers = creators.log_followers[creators.of_video]
+    effect_visual = VISUAL_VIVIDNESS_COEF * (visual.vividness - 0.5) + VISUAL_MOTION_COEF * (visual.motion - 0.5)
+    effect_audio = (AUDIO_LOUDNESS_COEF * (audio.loudness - 0.35)
+                    + np.where(audio.has_audio, 0.0, AUDIO_NO_STREAM_EFFECT))
+    effect_text = captions.topic_effect
     effect_meta = (FOLLOWERS_COEF * (log_followers - FOLLOWERS_LOG_MEAN)
-                   + DURATION_COEF * np.log(duration / 12.0)
-                   + HOUR_COEF * np.cos(2 * np.pi * (hour_utc - PEAK_HOUR_UTC) / 24.0)
-                   + age_growth(age_days))
-    creator_effect = creator_effects[creator_of]
+                   + DURATION_COEF * np.log(formats.duration / 12.0)
+                   + HOUR_COEF * np.cos(2 * np.pi * (timing.hour_utc - PEAK_HOUR_UTC) / 24.0)
+                   + age_growth(timing.age_days))
+    creator_effect = creators.effects[creators.of_video]
     noise = rng.normal(0.0, NOISE_SD, n)
     log_views_expected = INTERCEPT + effect_visual + effect_audio + effect_text + effect_meta + creator_effect
     views = rng.poisson(np.exp(log_views_expected + noise)).astype(np.int64)
+    likes, comments, shares = _draw_engagement(rng, views, visual.vividness, captions.topic)
+    return _Popularity(log_followers, creator_effect, effect_visual, effect_audio, effect_text, effect_meta,
+                       noise, log_views_expected, views, likes, comments, shares)
 
+
+def _draw_engagement(rng: np.random.Generator, views: np.ndarray, vividness: np.ndarray,
+                     topic: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(likes, comments, shares): per-topic rates with noise, each capped at views."""
+    n = len(views)
     engagement = np.array([TOPIC_ENGAGEMENT[t] for t in topic])  # (n, 3)
     like_rate = np.exp(math.log(LIKE_RATE) + LIKE_VIVIDNESS_COEF * (vividness - 0.5) + engagement[:, 0]
                        + rng.normal(0, RATE_NOISE_SD[0], n))
@@ -281,45 +469,14 @@ def generate_rows(n: int, seed: int = 0, size_scale: float = 1.0) -> tuple[pa.Ta
     likes = np.minimum(rng.poisson(views * np.minimum(like_rate, 1.0)), views)
     comments = np.minimum(rng.poisson(views * np.minimum(comment_rate, 1.0)), views)
     shares = np.minimum(rng.poisson(views * np.minimum(share_rate, 1.0)), views)
+    return likes, comments, shares
 
-    # Unknown is not zero: a few counts (and languages) are missing.
-    def with_nulls(values: np.ndarray, rate: float) -> list:
-        missing = rng.random(n) < rate
-        return [None if missing[i] else values[i].item() for i in range(n)]
 
-    render_seed = rng.integers(0, 2**31 - 1, n)
-    catalog = pa.table({
-        "video_id": video_ids,
-        "publish_time": publish,
-        "video_uri": [None] * n,
-        "title": titles,
-        "hashtags": hashtags,
-        "duration_s": duration.astype(np.float64),
-        "author_id": [creator_ids[c] for c in creator_of],
-        "author_followers": np.round(np.exp(log_followers)).astype(np.int64),
-        "music_id": music_ids,
-        "language": with_nulls(caption_language, NULL_RATES["language"]),
-        "observed_at": observed,
-        "views": views,
-        "likes": with_nulls(likes, NULL_RATES["likes"]),
-        "comments": with_nulls(comments, NULL_RATES["comments"]),
-        "shares": with_nulls(shares, NULL_RATES["shares"]),
-    }, schema=CATALOG_SCHEMA)
-    latents = pa.table({
-        "video_id": video_ids,
-        "vividness": vividness, "motion": motion, "hue": hue, "brightness": brightness,
-        "saturation": saturation,
-        "audio_kind": audio_kind.tolist(), "has_audio": has_audio, "loudness": loudness, "bpm": bpm,
-        "sample_rate": sample_rate,
-        "topic": topic.tolist(), "topic_effect": topic_effect,
-        "log_followers": log_followers, "hour_utc": hour_utc, "age_days": age_days,
-        "creator_effect": creator_effect,
-        "width": np.array(widths, dtype=np.int64), "height": np.array(heights, dtype=np.int64), "fps": fps,
-        "frames": duration * fps, "gop": gop, "render_seed": render_seed,
-        "effect_visual": effect_visual, "effect_audio": effect_audio, "effect_text": effect_text,
-        "effect_meta": effect_meta, "noise": noise, "log_views_expected": log_views_expected,
-    }, schema=LATENTS_SCHEMA)
-    return catalog, latents
+def _with_nulls(rng: np.random.Generator, values: np.ndarray, rate: float) -> list:
+    """values as Python scalars, a `rate` share of them None (unknown, which is not zero)."""
+    n = len(values)
+    missing = rng.random(n) < rate
+    return [None if missing[i] else values[i].item() for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,9 +510,57 @@ def render_video(path: str, spec: Mapping[str, Any]) -> None:
     frames, gop = int(spec["frames"]), int(spec["gop"])
     rng = np.random.default_rng(int(spec["render_seed"]))
     motion, hue = float(spec["motion"]), float(spec["hue"])
-    brightness, saturation = float(spec["brightness"]), float(spec["saturation"])
+    # Background, shapes, then audio draw from one generator: that order is part of the file's bytes.
+    background = _draw_background(rng, width, height, motion, hue, float(spec["brightness"]),
+                                  float(spec["saturation"]))
+    shapes = _draw_shapes(rng, width, height, motion, hue)
 
-    # Background canvas, wider than the frame so panning is a slice, not a recomputation.
+    container = av.open(path, mode="w", format="mp4")
+    try:
+        video = _add_video_stream(container, width, height, fps, gop)
+        audio = _InterleavedAudio(container, spec, frames / fps, rng) if bool(spec["has_audio"]) else None
+        # One frame object, drawn into in place: x264 copies each picture during encode() (threads=1,
+        # no lookahead thread), so reusing the buffer is safe and avoids a 1-2 ms copy per frame.
+        frame = av.VideoFrame(width, height, "yuv420p")
+        planes = _writable_planes(frame, width, height)
+        for index in range(frames):
+            t = index / fps
+            background.paint(*planes, t)
+            shapes.paint(*planes, t)
+            frame.pts = index
+            frame.time_base = Fraction(1, fps)
+            for packet in video.encode(frame):
+                container.mux(packet)
+            if audio is not None:
+                audio.write_until(container, (index + 1) / fps, last=index == frames - 1)
+        for packet in video.encode(None):
+            container.mux(packet)
+        if audio is not None:
+            audio.flush(container)
+    finally:
+        container.close()
+
+
+@dataclass(frozen=True)
+class _PannedBackground:
+    """A textured colour field wider than the frame, so panning is a slice, not a recomputation."""
+    canvas_y: np.ndarray
+    canvas_u: np.ndarray
+    canvas_v: np.ndarray
+    width: int          # of the frame
+    pan_span: int       # extra canvas width, even
+    pan_speed: float    # pixels per second
+
+    def paint(self, plane_y: np.ndarray, plane_u: np.ndarray, plane_v: np.ndarray, t: float) -> None:
+        width = self.width
+        offset = int(_triangle(self.pan_speed * t, self.pan_span)) // 2 * 2
+        plane_y[:] = self.canvas_y[:, offset:offset + width]
+        plane_u[:] = self.canvas_u[:, offset // 2:offset // 2 + width // 2]
+        plane_v[:] = self.canvas_v[:, offset // 2:offset // 2 + width // 2]
+
+
+def _draw_background(rng: np.random.Generator, width: int, height: int, motion: float, hue: float,
+                     brightness: float, saturation: float) -> _PannedBackground:
     pan_span = (int(motion * 0.5 * width) // 2) * 2
     canvas_w = width + pan_span
     x = np.arange(canvas_w, dtype=np.float32)
@@ -369,7 +574,37 @@ def render_video(path: str, spec: Mapping[str, Any]) -> None:
     ramp = (np.arange(canvas_w // 2, dtype=np.float32) / max(1, canvas_w // 2 - 1))[None, :]
     canvas_u = np.repeat((u0 + (u1 - u0) * ramp).astype(np.uint8), height // 2, axis=0)
     canvas_v = np.repeat((v0 + (v1 - v0) * ramp).astype(np.uint8), height // 2, axis=0)
+    return _PannedBackground(canvas_y, canvas_u, canvas_v, width, pan_span,
+                             pan_speed=motion * width * 0.25)
 
+
+@dataclass(frozen=True)
+class _MovingShapes:
+    """Rectangles bouncing inside the frame; even positions and sizes keep them aligned with the
+    half-resolution chroma planes."""
+    frame_width: int
+    frame_height: int
+    widths: np.ndarray
+    heights: np.ndarray
+    start_x: np.ndarray
+    start_y: np.ndarray
+    speed: np.ndarray           # (n, 2) pixels per second
+    luma: np.ndarray
+    chroma: list[tuple[float, float]]
+
+    def paint(self, plane_y: np.ndarray, plane_u: np.ndarray, plane_v: np.ndarray, t: float) -> None:
+        shape_w, shape_h = self.widths, self.heights
+        xs = _triangle(self.start_x + self.speed[:, 0] * t, self.frame_width - shape_w)
+        ys = _triangle(self.start_y + self.speed[:, 1] * t, self.frame_height - shape_h)
+        for s in range(len(shape_w)):
+            x0, y0 = int(xs[s]) // 2 * 2, int(ys[s]) // 2 * 2
+            plane_y[y0:y0 + shape_h[s], x0:x0 + shape_w[s]] = self.luma[s]
+            cx, cy, cw, ch = x0 // 2, y0 // 2, shape_w[s] // 2, shape_h[s] // 2
+            plane_u[cy:cy + ch, cx:cx + cw] = int(self.chroma[s][0])
+            plane_v[cy:cy + ch, cx:cx + cw] = int(self.chroma[s][1])
+
+
+def _draw_shapes(rng: np.random.Generator, width: int, height: int, motion: float, hue: float) -> _MovingShapes:
     n_shapes = 1 + int(round(3 * motion))
     shape_w = (rng.uniform(0.12, 0.3, n_shapes) * width).astype(int) // 2 * 2 + 2
     shape_h = (rng.uniform(0.08, 0.2, n_shapes) * height).astype(int) // 2 * 2 + 2
@@ -378,65 +613,52 @@ def render_video(path: str, spec: Mapping[str, Any]) -> None:
     speed = motion * width * rng.uniform(0.2, 0.6, (n_shapes, 2)) * rng.choice([-1, 1], (n_shapes, 2))
     shape_luma = np.where(np.arange(n_shapes) % 2 == 0, 230, 25).astype(np.uint8)
     shape_chroma = [_chroma(hue + 0.5 + rng.uniform(-0.1, 0.1), 0.9) for _ in range(n_shapes)]
-    pan_speed = motion * width * 0.25  # pixels per second
+    return _MovingShapes(width, height, shape_w, shape_h, start_x, start_y, speed, shape_luma, shape_chroma)
 
-    container = av.open(path, mode="w", format="mp4")
-    try:
-        video = container.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.codec_context.time_base = Fraction(1, fps)
-        # threads=1 makes the bitstream independent of the machine's core count (parallelism comes
-        # from encoding several videos at once); scenecut=0 keeps keyframes exactly every `gop`.
-        video.options = {"preset": "ultrafast", "crf": "30", "threads": "1",
-                         "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:threads=1"}
-        audio_stream, audio_samples, sample_rate = None, None, int(spec["sample_rate"])
-        if bool(spec["has_audio"]):
-            audio_stream = container.add_stream("aac", rate=sample_rate, layout="mono")
-            audio_stream.bit_rate = 64000
-            audio_stream.options = {"aac_coder": "fast"}  # the default coder costs ~1.5x the time
-            audio_samples = _audio_signal(spec, frames / fps, rng)
-        audio_written = 0
-        audio_chunk = 1024  # the AAC frame size
 
-        # One frame object, drawn into in place: x264 copies each picture during encode() (threads=1,
-        # no lookahead thread), so reusing the buffer is safe and avoids a 1-2 ms copy per frame.
-        frame = av.VideoFrame(width, height, "yuv420p")
-        plane_y, plane_u, plane_v = (
-            np.frombuffer(plane, dtype=np.uint8).reshape(rows, plane.line_size)[:, :cols]
-            for plane, rows, cols in zip(frame.planes, (height, height // 2, height // 2),
-                                         (width, width // 2, width // 2)))
-        for index in range(frames):
-            t = index / fps
-            offset = int(_triangle(pan_speed * t, pan_span)) // 2 * 2
-            plane_y[:] = canvas_y[:, offset:offset + width]
-            plane_u[:] = canvas_u[:, offset // 2:offset // 2 + width // 2]
-            plane_v[:] = canvas_v[:, offset // 2:offset // 2 + width // 2]
-            xs = _triangle(start_x + speed[:, 0] * t, width - shape_w)
-            ys = _triangle(start_y + speed[:, 1] * t, height - shape_h)
-            for s in range(n_shapes):
-                x0, y0 = int(xs[s]) // 2 * 2, int(ys[s]) // 2 * 2
-                plane_y[y0:y0 + shape_h[s], x0:x0 + shape_w[s]] = shape_luma[s]
-                cx, cy, cw, ch = x0 // 2, y0 // 2, shape_w[s] // 2, shape_h[s] // 2
-                plane_u[cy:cy + ch, cx:cx + cw] = int(shape_chroma[s][0])
-                plane_v[cy:cy + ch, cx:cx + cw] = int(shape_chroma[s][1])
-            frame.pts = index
-            frame.time_base = Fraction(1, fps)
-            for packet in video.encode(frame):
-                container.mux(packet)
-            # Interleave audio up to this frame's end, so the file is laid out like a real upload.
-            if audio_stream is not None:
-                until = min(len(audio_samples), int(round((index + 1) / fps * sample_rate)))
-                while audio_written + audio_chunk <= until or (index == frames - 1 and audio_written < until):
-                    chunk = audio_samples[audio_written:audio_written + audio_chunk]
-                    _encode_audio(container, audio_stream, chunk, audio_written, sample_rate)
-                    audio_written += len(chunk)
-        for packet in video.encode(None):
+def _add_video_stream(container, width: int, height: int, fps: int, gop: int):
+    video = container.add_stream("libx264", rate=fps)
+    video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+    video.codec_context.time_base = Fraction(1, fps)
+    # threads=1 makes the bitstream independent of the machine's core count (parallelism comes
+    # from encoding several videos at once); scenecut=0 keeps keyframes exactly every `gop`.
+    video.options = {"preset": "ultrafast", "crf": "30", "threads": "1",
+                     "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:threads=1"}
+    return video
+
+
+def _writable_planes(frame, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Y, U, V) numpy views onto a yuv420p frame's buffers, padding (line_size) cut off."""
+    return tuple(
+        np.frombuffer(plane, dtype=np.uint8).reshape(rows, plane.line_size)[:, :cols]
+        for plane, rows, cols in zip(frame.planes, (height, height // 2, height // 2),
+                                     (width, width // 2, width // 2)))
+
+
+class _InterleavedAudio:
+    """A mono AAC stream written in step with the video frames, so the file is laid out like a
+    real upload (audio and video interleaved, not one after the other)."""
+    CHUNK = 1024  # the AAC frame size
+
+    def __init__(self, container, spec: Mapping[str, Any], seconds: float, rng: np.random.Generator):
+        self.sample_rate = int(spec["sample_rate"])
+        self.stream = container.add_stream("aac", rate=self.sample_rate, layout="mono")
+        self.stream.bit_rate = 64000
+        self.stream.options = {"aac_coder": "fast"}  # the default coder costs ~1.5x the time
+        self.samples = _audio_signal(spec, seconds, rng)
+        self.written = 0
+
+    def write_until(self, container, end_s: float, last: bool) -> None:
+        """Encode whole AAC frames up to end_s; on the last video frame, the remainder too."""
+        until = min(len(self.samples), int(round(end_s * self.sample_rate)))
+        while self.written + self.CHUNK <= until or (last and self.written < until):
+            chunk = self.samples[self.written:self.written + self.CHUNK]
+            _encode_audio(container, self.stream, chunk, self.written, self.sample_rate)
+            self.written += len(chunk)
+
+    def flush(self, container) -> None:
+        for packet in self.stream.encode(None):
             container.mux(packet)
-        if audio_stream is not None:
-            for packet in audio_stream.encode(None):
-                container.mux(packet)
-    finally:
-        container.close()
 
 
 def _encode_audio(container, stream, samples: np.ndarray, pts: int, sample_rate: int) -> None:

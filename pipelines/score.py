@@ -47,6 +47,9 @@ from pipelines.score_transforms import JoinedShard, ScoreHandler, ValidateShard,
 from pipelines.shards import default_shards, keep_featurizer, split_into_shards
 from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, FeaturizeRows, ToArrowTables, error_row
 
+__all__ = ["parse_known_args", "selected_dates", "rows_of_dates", "ScoreSummary", "horizon_warnings",
+           "build_pipeline", "ScorePlan", "plan_run", "run", "unaccounted_rows", "main"]
+
 log = logging.getLogger("popcast.score")
 # The only catalog columns that travel through the job: the join key, the per-row checks and the row's
 # position in the scored catalog. The other catalog columns are attached to the predictions by position

@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+__all__ = ["COMMANDS", "main"]
+
 # Weights come from installed packages or configured directories; set before transformers is imported
 # (set HF_HUB_OFFLINE=0 yourself to let hub ids download).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

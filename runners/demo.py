@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 
 from featurizers.core.contracts import TARGETS
 
+__all__ = ["parse_args", "step", "main", "print_metrics", "print_top_videos"]
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="popcast demo", description=__doc__.split("\n\n")[0])

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+__all__ = ["TARGETS", "Column", "UTC_TIMESTAMP", "CATALOG_COLUMNS", "CATALOG_SCHEMA", "REQUIRED_COLUMNS",
+           "LABEL_COLUMNS", "SUPPORTED_URI_SCHEMES", "ERRORS_SCHEMA", "MODALITIES", "MEDIA_MODALITIES",
+           "OPTIONAL_MODALITIES", "DEFAULT_FEATURIZE_MODALITIES", "MIN_AGE_DAYS", "MISSING_VECTOR",
+           "embedding_type", "FeatureSpec", "PREDICTION_COLUMNS", "markdown_table", "readme_contracts"]
+
 TARGETS: tuple[str, ...] = ("views", "likes", "comments", "shares")
 
 
@@ -131,7 +136,6 @@ PREDICTION_COLUMNS: tuple[Column, ...] = tuple(
     Column("scored_at", UTC_TIMESTAMP, "output", "when this row was scored"),
     Column("run_id", pa.string(), "output", "id of the scoring run"),
 )
-SCORED_SCHEMA = pa.schema(list(CATALOG_SCHEMA) + [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS])
 
 
 def markdown_table(columns: tuple[Column, ...]) -> str:

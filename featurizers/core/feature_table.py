@@ -20,6 +20,10 @@ import pyarrow.fs as pafs
 from featurizers.core import storage
 from featurizers.core.contracts import MEDIA_MODALITIES, MISSING_VECTOR, FeatureSpec
 
+__all__ = ["NEEDS_COLUMN", "FeatureTable", "fixed_size_list_to_numpy", "numpy_to_fixed_size_list", "modality_path",
+           "read_feature_table", "feature_table_from_arrow", "rows_to_table", "feature_table_to_arrow",
+           "parquet_files", "read_columns", "featurized_ids", "modalities_needed", "rows_needing_work"]
+
 # The staged-catalog column that lists, per row, the modalities it still needs.
 NEEDS_COLUMN = "_needs"
 

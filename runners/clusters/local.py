@@ -38,6 +38,9 @@ from pathlib import Path
 
 from pipelines.profiles import DEFAULT_PORTS, JAVA_FALLBACK_VERSION, SPARK_RUNNER_ARTIFACT, jars_dir
 
+__all__ = ["ClusterError", "default_state_dir", "beam_python_version", "JobServerJars", "job_server_jars",
+           "spark_home", "free_port", "ClusterInfo", "spark_up", "flink_up", "down", "status", "main"]
+
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
 # Newest Flink 1.x line with a published Beam runner artifact we can resolve (Beam 2.77's Python SDK
 # lists job servers for Flink 1.19, 1.20, 2.0, 2.1, 2.2; only the 1.19 runner is served here).
