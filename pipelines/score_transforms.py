@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -15,8 +15,17 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES
 from featurizers.core.feature_table import feature_table_from_arrow
-from model.artifact import load_model
-from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, error_row, feature_specs
+from model.artifact import LoadedModel, load_model
+from pipelines.transforms import ERRORS_TAG, NAMESPACE, FeaturizeConfig, error_row, feature_specs
+
+__all__ = [
+    "CATALOG_SIDE",
+    "PACKAGED_TEXT_MODELS",
+    "JoinedShard",
+    "ScoreHandler",
+    "ValidateShard",
+    "on_the_fly_config",
+]
 
 CATALOG_SIDE = "catalog"
 
@@ -80,8 +89,19 @@ class ValidateShard(beam.DoFn):
             yield shard, joined
 
 
-class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
-    """RunInference handler: a JoinedShard in, the shard's rows with predictions attached out."""
+class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, LoadedModel]):
+    """RunInference handler: a JoinedShard in, a PredictionResult out whose `inference` is the shard's
+    rows with predictions attached (an Arrow table in `scored_schema`).
+
+    Args:
+      model_dir: a model directory written by `popcast train` (local or gs://).
+      horizon_days: the video age at which counts are predicted.
+      run_id: written in every output row.
+      scored_schema: the output table's schema; each column comes from the shard's catalog (same name),
+        from the predictions, or is one of the per-run columns (horizon_days, model_version,
+        featurizer_versions, scored_at, run_id). The score job passes its staged prediction schema.
+      device: torch device of the model.
+    """
 
     def __init__(self, model_dir: str, horizon_days: float, run_id: str, scored_schema: pa.Schema,
                  device: str = "cpu"):
@@ -92,10 +112,18 @@ class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
         self._schema = scored_schema
         self._device = device
 
-    def load_model(self):
+    def load_model(self) -> LoadedModel:
         return load_model(self._model_dir, device=self._device)
 
-    def run_inference(self, batch: Sequence[JoinedShard], model, inference_args=None):
+    def run_inference(self, batch: Sequence[JoinedShard], model: LoadedModel,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        """One PredictionResult per shard, each shard predicted as one model batch (see _predict).
+
+        Args:
+          batch: joined shards (one per call: batch_elements_kwargs).
+          model: the model built by load_model.
+          inference_args: unused; the horizon is fixed per job.
+        """
         for joined in batch:
             tables = {}
             for modality, layout in model.layouts.items():
@@ -133,6 +161,18 @@ class ScoreHandler(ModelHandler[JoinedShard, pa.Table, object]):
         columns["scored_at"] = pa.repeat(pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC")), n)
         columns["run_id"] = pa.repeat(pa.scalar(self._run_id, pa.string()), n)
         return pa.Table.from_pydict({f.name: columns[f.name] for f in self._schema}, schema=self._schema)
+
+    def get_num_bytes(self, batch: Sequence[JoinedShard]) -> int:
+        """Arrow buffer bytes of the shards' catalog and feature tables.
+
+        Overridden because the base class pickles every batch a second time just to measure it, and a
+        shard holds thousands of rows of every modality.
+        """
+        return sum(joined.catalog.nbytes + sum(table.nbytes for table in joined.features.values())
+                   for joined in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
 
     def batch_elements_kwargs(self):
         return {"min_batch_size": 1, "max_batch_size": 1}  # a shard is already a batch of rows

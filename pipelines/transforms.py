@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import apache_beam as beam
 import numpy as np
@@ -37,6 +38,33 @@ from featurizers.decode import (
 from featurizers.meta import meta_features
 from featurizers.text import text_features
 from featurizers.visual import EfficientNetLite0Embedder
+
+__all__ = [
+    "DECODE_FED_MODALITIES",
+    "ERRORS_TAG",
+    "NAMESPACE",
+    "Caption",
+    "ComputeAudioFeatures",
+    "CountAndLog",
+    "FeatureRow",
+    "FeaturizeConfig",
+    "FeaturizeRows",
+    "FeaturizerHandler",
+    "FrameStack",
+    "ReadAndDecode",
+    "ToArrowTables",
+    "ValidateFrames",
+    "ValidateText",
+    "embed_captions",
+    "embed_frame_stacks",
+    "error_row",
+    "feature_row",
+    "feature_specs",
+    "meta_row",
+    "popcast_counters",
+    "text_embedder",
+    "visual_embedder",
+]
 
 NAMESPACE = "popcast"
 ERRORS_TAG = "errors"
@@ -118,7 +146,15 @@ def feature_specs(config: FeaturizeConfig) -> dict[str, FeatureSpec]:
     return specs
 
 
-def embed_frame_stacks(stacks: Sequence[np.ndarray], embedder) -> list[dict]:
+# What the featurize handlers receive once KeyedModelHandler has taken the video_id off each element.
+FrameStack = np.ndarray                               # uint8 [K, H, W, 3], one video's sampled frames
+Caption = tuple[str | None, Sequence[str] | None]     # (title, hashtags)
+FeatureRow = dict[str, Any]                           # one example's feature columns
+ExampleT = TypeVar("ExampleT")
+ModelT = TypeVar("ModelT")
+
+
+def embed_frame_stacks(stacks: Sequence[FrameStack], embedder) -> list[FeatureRow]:
     """K frames per video → one [K, D] embedding sequence per video, all frames in one encoder batch."""
     embeddings = np.asarray(embedder.embed(np.concatenate(stacks, axis=0)), dtype=np.float32)
     rows, start = [], 0
@@ -128,17 +164,27 @@ def embed_frame_stacks(stacks: Sequence[np.ndarray], embedder) -> list[dict]:
     return rows
 
 
-def embed_captions(captions: Sequence[tuple], embedder) -> list[dict]:
+def embed_captions(captions: Sequence[Caption], embedder) -> list[FeatureRow]:
     """(title, hashtags) pairs → text feature rows (sentence embedding, hashed words, counts)."""
     columns = text_features([c[0] for c in captions], [c[1] for c in captions], embedder)
     return [{name: values[i] for name, values in columns.items()} for i in range(len(captions))]
 
 
-class FeaturizerHandler(ModelHandler[Any, dict, Any]):
-    """RunInference handler around a featurizer: `load` builds it once per worker process and
-    `featurize(examples, model)` turns a batch of examples into one feature dict per example."""
+class FeaturizerHandler(ModelHandler[ExampleT, PredictionResult, ModelT]):
+    """RunInference handler around a featurizer: each example comes back as a PredictionResult whose
+    `inference` is the example's feature row.
 
-    def __init__(self, load: Callable[[], Any], featurize: Callable[[Sequence[Any], Any], list[dict]],
+    Args:
+      load: builds the featurizer (visual or text embedder); called once per worker process, so it
+        travels pickled (see _Factory).
+      featurize: `featurize(examples, featurizer)` → one FeatureRow per example, in order
+        (embed_frame_stacks for FrameStacks, embed_captions for Captions).
+      max_batch_size: most examples per `featurize` call.
+      name: the modality, named in errors.
+    """
+
+    def __init__(self, load: Callable[[], ModelT],
+                 featurize: Callable[[Sequence[ExampleT], ModelT], list[FeatureRow]],
                  max_batch_size: int, name: str):
         super().__init__()
         self._load = load
@@ -146,17 +192,54 @@ class FeaturizerHandler(ModelHandler[Any, dict, Any]):
         self._max_batch_size = max_batch_size
         self._name = name
 
-    def load_model(self):
+    def load_model(self) -> ModelT:
         return self._load()
 
-    def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:
-        return [PredictionResult(example, row) for example, row in zip(batch, self._featurize(batch, model))]
+    def run_inference(self, batch: Sequence[ExampleT], model: ModelT,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        """Featurize the batch in one call (one encoder batch for all its frames or captions).
+
+        Args:
+          batch: FrameStacks or Captions, without their keys.
+          model: the featurizer built by load_model.
+          inference_args: unused; featurizers take no per-call arguments.
+        """
+        rows = self._featurize(batch, model)
+        # A short result would silently lose rows (zip stops early); failing the batch turns them
+        # into dead letters instead.
+        if len(rows) != len(batch):
+            raise ValueError(f"{self._name} featurizer returned {len(rows)} rows for {len(batch)} examples")
+        return [PredictionResult(example, row) for example, row in zip(batch, rows)]
+
+    def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
+        """Bytes of the examples' payload: array buffers and UTF-8 text.
+
+        Overridden because the base class pickles every batch a second time just to measure it, and a
+        batch of frame stacks is megabytes.
+        """
+        return sum(_payload_bytes(example) for example in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
 
     def batch_elements_kwargs(self):
         return {"min_batch_size": 1, "max_batch_size": self._max_batch_size}
 
-    def get_metrics_namespace(self) -> str:
-        return f"{NAMESPACE}_{self._name}"
+
+def _payload_bytes(value: Any) -> int:
+    """Payload size of a FrameStack, a Caption or one of their parts; sys.getsizeof for anything else,
+    which is cheap and close enough for a metric."""
+    if value is None:
+        return 0
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (tuple, list)):
+        return sum(_payload_bytes(part) for part in value)
+    return sys.getsizeof(value)
 
 
 # ---------------------------------------------------------------- DoFns
