@@ -17,8 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from featurizers.core import storage
 from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
-from model.data import FeatureTable, ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch
+from featurizers.core.feature_table import FeatureTable
+from model.data import ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch
 from model.network import NetworkConfig, PopularityNet
+
+__all__ = ["FORMAT", "LoadedModel", "autocast", "build_networks", "json_default", "load_model", "model_version",
+           "quantiles_to_counts", "save_model"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,10 +56,11 @@ def save_model(output_dir: str, networks: list[PopularityNet], config: dict) -> 
         with fs.open_output_stream(f"{root}/{WEIGHTS_FILE}") as out:
             out.write(save(tensors))
     with fs.open_output_stream(f"{root}/{CONFIG_FILE}") as out:
-        out.write(json.dumps(config, indent=1, sort_keys=True, default=_json_default).encode())
+        out.write(json.dumps(config, indent=1, sort_keys=True, default=json_default).encode())
 
 
-def _json_default(value):
+def json_default(value):
+    """json.dumps `default=` for the numpy scalars and arrays that configs and metrics carry."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -103,7 +108,7 @@ class LoadedModel:
         for start in range(0, len(video_ids), batch_size):
             stop = min(start + batch_size, len(video_ids))
             batch = make_batch(self.layouts, feature_tables, video_ids[start:stop], log_ages[start:stop]).to(self.device)
-            with torch.inference_mode(), _autocast(self.device):
+            with torch.inference_mode(), autocast(self.device):
                 preds = torch.stack([net(batch, drop_modalities) for net in self.networks]).mean(0)
             out[start:stop] = preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
         return out
@@ -136,7 +141,7 @@ def quantiles_to_counts(q: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-class _autocast:
+class autocast:
     """bf16 autocast on CUDA; nothing on CPU (CPU bf16 is slower than float32 for these small layers)."""
 
     def __init__(self, device: str):

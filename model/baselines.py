@@ -11,6 +11,8 @@ import polars as pl
 
 from model.data import Batch, ModalityLayout
 
+__all__ = ["creator_history_mean", "global_median", "lightgbm_predictions", "tabular_matrix"]
+
 
 def global_median(train_labels: np.ndarray, n_test: int) -> dict[str, np.ndarray]:
     """Training median (and p10/p90 as the interval) of each target's log1p label."""

@@ -18,8 +18,13 @@ from featurizers.core import storage
 from featurizers.core.contracts import MIN_AGE_DAYS, MODALITIES, TARGETS
 from featurizers.core.feature_table import FeatureTable, read_feature_table
 
+__all__ = ["DEFAULT_VALIDATION_FRACTION", "Batch", "FeatureVersionError", "ModalityInputs", "ModalityLayout",
+           "ModelDataError", "Split", "catalog_arrays", "check_featurizers", "fit_layout", "join_rows", "log_age",
+           "make_batch", "read_features", "time_split", "training_fingerprint"]
+
 SECONDS_PER_DAY = 86_400.0
-# Ages below one hour carry no usable signal and would make log(age) explode.
+# The latest share of the training rows that early stopping watches (TrainingConfig's default too).
+DEFAULT_VALIDATION_FRACTION = 0.15
 # Scalar columns treated as categoricals (embedded) rather than as numbers. A featurizer can also list
 # its own in its FeatureSpec config under "categorical".
 KNOWN_CATEGORICAL_SCALARS = frozenset({"hour", "weekday", "month", "language_bucket", "language"})
@@ -112,8 +117,7 @@ def fit_layout(table: FeatureTable, train_rows: np.ndarray) -> ModalityLayout:
             layout.vectors[name] = int(array.shape[1])
         else:
             raise ModelDataError(f"{table.modality}.{name}: unsupported vector shape {array.shape[1:]}")
-        train = array[train_rows].reshape(-1, array.shape[-1]) if len(train_rows) else array[:0, ...]
-        train = train.reshape(-1, array.shape[-1])
+        train = (array[train_rows] if len(train_rows) else array[:0, ...]).reshape(-1, array.shape[-1])
         with np.errstate(all="ignore"):
             mean = np.nan_to_num(np.nanmean(train, axis=0, dtype=np.float64)) if len(train) else 0.0
             std = np.nan_to_num(np.nanstd(train, axis=0, dtype=np.float64)) if len(train) else 1.0
@@ -347,7 +351,7 @@ class Split:
 
 
 def time_split(publish_s: np.ndarray, labelled: np.ndarray, quantile: float,
-               validation_fraction: float = 0.15) -> Split:
+               validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> Split:
     """Time-ordered split of labelled rows: publish_time ≥ q-quantile → test; latest part of train → val."""
     if not 0.0 < quantile < 1.0:
         raise ModelDataError(f"split quantile must be in (0, 1), got {quantile}")

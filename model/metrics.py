@@ -12,6 +12,8 @@ from scipy.stats import spearmanr
 
 from featurizers.core.contracts import TARGETS
 
+__all__ = ["all_target_metrics", "mean_mae"]
+
 
 def _clean(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None

@@ -14,6 +14,8 @@ from torch.nn import functional as F
 
 from model.data import Batch, ModalityInputs, ModalityLayout
 
+__all__ = ["QUANTILES", "NetworkConfig", "PopularityNet", "pinball_loss"]
+
 QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 
 

@@ -10,15 +10,20 @@ import html
 import io
 import json
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
 from featurizers.core import storage
 from featurizers.core.contracts import TARGETS
-from model.artifact import load_model
+from featurizers.core.feature_table import FeatureTable
+from model.artifact import LoadedModel, load_model
 from model.baselines import creator_history_mean
-from model.data import catalog_arrays, log_age, read_features, time_split
+from model.data import Split, catalog_arrays, log_age, read_features, time_split
 from model.metrics import all_target_metrics, mean_mae
+
+__all__ = ["evaluate"]
 
 AGE_BUCKETS_DAYS = (0, 7, 30, 90, 365, float("inf"))
 
@@ -56,29 +61,70 @@ METRIC_HEADER = ["model"] + [f"{t} {m}" for t in TARGETS for m in ("MAE", "Spear
 def evaluate(catalog: pa.Table, features_dir: str, model_dir: str, report_dir: str) -> dict:
     """Write report_dir/index.html and report_dir/metrics.json; returns the metrics. `catalog` is the
     conformed catalog table the model was trained on."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    test = _load_test_split(catalog, features_dir, model_dir)
+    q = test.model.predict_log(test.rows_table, test.tables, test.log_ages)
+    report = _report_metrics(test, q)
+    images = _plots(report, test.truth, q, test.model.config.get("history", []))
+    page = _html_page(report, len(test.rows), images)
+    storage.write_bytes(storage.join(report_dir, "index.html"), page.encode())
+    storage.write_bytes(storage.join(report_dir, "metrics.json"),
+                        json.dumps(report, indent=1, default=float).encode())
+    return report
 
-    table = catalog
+
+@dataclass
+class _TestSplit:
+    """The model's own test rows, re-derived from the catalog with the split recorded at training time."""
+    model: LoadedModel
+    tables: dict[str, FeatureTable]
+    arrays: dict[str, np.ndarray]
+    split: Split
+    labelled: np.ndarray
+    rows_table: pa.Table
+    log_ages: np.ndarray
+    truth: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.split.test
+
+
+def _load_test_split(catalog: pa.Table, features_dir: str, model_dir: str) -> _TestSplit:
     model = load_model(model_dir)
     tables = read_features(features_dir, tuple(model.layouts))
-    arrays = catalog_arrays(table)
+    arrays = catalog_arrays(catalog)
     labelled = np.isfinite(arrays["log_labels"]).any(axis=1)
-    split_cfg = model.config["split"]
-    split = time_split(arrays["publish_s"], labelled, split_cfg["quantile"],
+    split = time_split(arrays["publish_s"], labelled, model.config["split"]["quantile"],
                        model.config["training"]["validation_fraction"])
     rows = split.test
-    rows_table = table.take(pa.array(rows))
-    ages = log_age(arrays["age_days"][rows])
-    truth = arrays["log_labels"][rows]
-    q = model.predict_log(rows_table, tables, ages)
-    overall = all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])
+    return _TestSplit(model, tables, arrays, split, labelled, catalog.take(pa.array(rows)),
+                      log_age(arrays["age_days"][rows]), arrays["log_labels"][rows])
 
-    # Slices: new vs known creators (any labelled video published earlier), age buckets, media.
-    train_all = np.concatenate([split.train, split.validation])
+
+def _quantile_metrics(truth: np.ndarray, q: np.ndarray) -> dict[str, dict]:
+    """Metrics of (N, T, 3) p10/p50/p90 predictions."""
+    return all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])
+
+
+def _report_metrics(test: _TestSplit, q: np.ndarray) -> dict:
+    """metrics.json: the network overall, per slice and per dropped modality, beside the baselines recorded
+    at training time."""
+    overall = _quantile_metrics(test.truth, q)
+    slice_metrics = _slice_metrics(test, q)
+    ablation = _ablation_metrics(test)
+    trained = test.model.config.get("metrics", {}).get("test", {})
+    baselines = {k: v for k, v in trained.items() if k != "model"}
+    return {"model_version": test.model.version, "split": test.model.config["split"],
+            "featurizers": test.model.featurizers, "test": overall, "baselines": baselines,
+            "slices": slice_metrics, "ablation": ablation,
+            "n_train": int(len(test.split.train) + len(test.split.validation))}
+
+
+def _test_slices(test: _TestSplit) -> dict[str, np.ndarray]:
+    """Masks over the test rows: new vs known creators (any labelled video published earlier), media, age."""
+    arrays, rows = test.arrays, test.rows
     seen = creator_history_mean(arrays["author_id"], arrays["publish_s"], arrays["log_labels"],
-                                np.flatnonzero(labelled), rows, np.full(len(TARGETS), np.nan))
+                                np.flatnonzero(test.labelled), rows, np.full(len(TARGETS), np.nan))
     known_creator = np.isfinite(seen[:, 0])
     slices: dict[str, np.ndarray] = {"new creators": ~known_creator, "known creators": known_creator,
                                      "with media": arrays["has_media"][rows],
@@ -86,23 +132,36 @@ def evaluate(catalog: pa.Table, features_dir: str, model_dir: str, report_dir: s
     age_days = arrays["age_days"][rows]
     for lo, hi in zip(AGE_BUCKETS_DAYS[:-1], AGE_BUCKETS_DAYS[1:]):
         slices[f"age {lo:g}–{hi:g} d"] = (age_days >= lo) & (age_days < hi)
-    slice_metrics = {name: {"n": int(mask.sum()), **all_target_metrics(truth[mask], q[mask, :, 1],
-                                                                        q[mask, :, 0], q[mask, :, 2])}
-                     for name, mask in slices.items() if mask.sum() > 0}
+    return slices
 
-    # Ablation: drop one modality at a time through the masks (as if the featurizer had failed for all).
+
+def _slice_metrics(test: _TestSplit, q: np.ndarray) -> dict[str, dict]:
+    return {name: {"n": int(mask.sum()), **_quantile_metrics(test.truth[mask], q[mask])}
+            for name, mask in _test_slices(test).items() if mask.sum() > 0}
+
+
+def _ablation_metrics(test: _TestSplit) -> dict[str, dict]:
+    """One modality dropped at a time through the masks, as if its featurizer had failed for every row."""
     ablation = {}
-    for name in model.layouts:
-        qa = model.predict_log(rows_table, tables, ages, drop_modalities=(name,))
-        ablation[f"without {name}"] = all_target_metrics(truth, qa[..., 1], qa[..., 0], qa[..., 2])
+    for name in test.model.layouts:
+        qa = test.model.predict_log(test.rows_table, test.tables, test.log_ages, drop_modalities=(name,))
+        ablation[f"without {name}"] = _quantile_metrics(test.truth, qa)
+    return ablation
 
-    trained = model.config.get("metrics", {}).get("test", {})
-    baselines = {k: v for k, v in trained.items() if k != "model"}
-    report = {"model_version": model.version, "split": split_cfg, "featurizers": model.featurizers,
-              "test": overall, "baselines": baselines, "slices": slice_metrics, "ablation": ablation,
-              "n_train": int(len(train_all))}
 
-    images = {}
+def _plots(report: dict, truth: np.ndarray, q: np.ndarray, histories: list[dict]) -> dict[str, str]:
+    """Title → PNG data URI, in page order."""
+    import matplotlib
+    matplotlib.use("Agg")   # headless: the report is written by batch jobs without a display
+    return {"Predicted vs actual (test)": _png(_predicted_vs_actual_plot(truth, q)),
+            "Interval coverage": _png(_coverage_plot(report["test"])),
+            "Learning curves": _png(_learning_curves_plot(histories)),
+            "Slices": _png(_slices_plot(report["slices"])),
+            "Per-modality ablation": _png(_ablation_plot(report["test"], report["ablation"]))}
+
+
+def _predicted_vs_actual_plot(truth: np.ndarray, q: np.ndarray):
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(TARGETS), figsize=(4 * len(TARGETS), 4))
     for j, (ax, target) in enumerate(zip(np.atleast_1d(axes), TARGETS)):
         ok = np.isfinite(truth[:, j])
@@ -110,18 +169,24 @@ def evaluate(catalog: pa.Table, features_dir: str, model_dir: str, report_dir: s
         lo, hi = np.nanmin(truth[:, j]), np.nanmax(truth[:, j])
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set(title=f"{target}", xlabel="actual log1p", ylabel="predicted log1p (p50)")
-    images["Predicted vs actual (test)"] = _png(fig)
+    return fig
 
+
+def _coverage_plot(overall: dict[str, dict]):
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     cover = [overall[t]["coverage_p10_p90"] or 0 for t in TARGETS]
     ax.bar(TARGETS, cover)
     ax.axhline(0.8, color="k", ls="--", label="nominal 80%")
     ax.set(ylim=(0, 1), ylabel="share of labels inside [p10, p90]", title="Interval coverage (test)")
     ax.legend()
-    images["Interval coverage"] = _png(fig)
+    return fig
 
+
+def _learning_curves_plot(histories: list[dict]):
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, history in enumerate(model.config.get("history", [])):
+    for i, history in enumerate(histories):
         stop = history.get("early_stopping", [])
         ax.plot([h["epoch"] for h in stop], [h["train_loss"] for h in stop], color=f"C{i}", alpha=0.6,
                 label=f"member {i} train")
@@ -129,38 +194,44 @@ def evaluate(catalog: pa.Table, features_dir: str, model_dir: str, report_dir: s
                 color=f"C{i}", ls="--", label=f"member {i} validation")
     ax.set(xlabel="epoch", ylabel="pinball loss (normalised)", title="Learning curves (early-stopping run)")
     ax.legend(fontsize=7)
-    images["Learning curves"] = _png(fig)
+    return fig
 
+
+def _slices_plot(slice_metrics: dict[str, dict]):
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(slice_metrics)
     ax.bar(names, [mean_mae(slice_metrics[n]) for n in names])
     ax.set(ylabel="mean MAE(log1p) over targets", title="Slices")
     ax.tick_params(axis="x", rotation=30)
-    images["Slices"] = _png(fig)
+    return fig
 
+
+def _ablation_plot(overall: dict[str, dict], ablation: dict[str, dict]):
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     names = ["all modalities"] + list(ablation)
     ax.bar(names, [mean_mae(overall)] + [mean_mae(ablation[n]) for n in ablation])
     ax.set(ylabel="mean MAE(log1p) over targets", title="Ablation: one modality dropped")
     ax.tick_params(axis="x", rotation=30)
-    images["Per-modality ablation"] = _png(fig)
+    return fig
 
-    body = [f"<h1>popcast evaluation — model {html.escape(model.version)}</h1>",
-            f"<p>Test rows: {len(rows)} (publish_time ≥ {html.escape(split_cfg.get('test_from_publish_time', ''))},"
-            f" quantile {split_cfg['quantile']}); featurizers: {html.escape(json.dumps(model.featurizers))}.</p>",
+
+def _html_page(report: dict, n_test: int, images: dict[str, str]) -> str:
+    """One self-contained page: metric tables, then the plots inline."""
+    split_cfg, overall, slice_metrics = report["split"], report["test"], report["slices"]
+    body = [f"<h1>popcast evaluation — model {html.escape(report['model_version'])}</h1>",
+            f"<p>Test rows: {n_test} (publish_time ≥ {html.escape(split_cfg.get('test_from_publish_time', ''))},"
+            f" quantile {split_cfg['quantile']}); featurizers: {html.escape(json.dumps(report['featurizers']))}.</p>",
             "<h2>Model and baselines (log1p scale)</h2>",
-            _table(_metric_rows({"network": overall, **baselines}), METRIC_HEADER),
+            _table(_metric_rows({"network": overall, **report["baselines"]}), METRIC_HEADER),
             "<h2>Slices</h2>",
             _table([[n] + r[1:] for n, r in zip(slice_metrics, _metric_rows(slice_metrics))], METRIC_HEADER),
             "<h2>Ablation</h2>",
-            _table(_metric_rows({"all modalities": overall, **ablation}), METRIC_HEADER)]
+            _table(_metric_rows({"all modalities": overall, **report["ablation"]}), METRIC_HEADER)]
     for title, uri in images.items():
         body.append(f"<h2>{html.escape(title)}</h2><img src='{uri}' alt='{html.escape(title)}'>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>popcast evaluation</title><style>"
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>popcast evaluation</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>"
             + "\n".join(body) + "</body></html>")
-    storage.write_bytes(storage.join(report_dir, "index.html"), page.encode())
-    storage.write_bytes(storage.join(report_dir, "metrics.json"),
-                        json.dumps(report, indent=1, default=float).encode())
-    return report

@@ -6,6 +6,7 @@ Entry point: `train(catalog, features_dir, output_dir, ...)`; deterministic per 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -20,22 +21,25 @@ import torch
 
 from featurizers.core import storage
 from featurizers.core.contracts import TARGETS
+from featurizers.core.feature_table import FeatureTable
 from model import baselines
 from model.artifact import (
     FORMAT,
     LoadedModel,
-    _autocast,
+    autocast,
     build_networks,
+    json_default,
     load_model,
     model_version,
     quantiles_to_counts,
     save_model,
 )
 from model.data import (
+    DEFAULT_VALIDATION_FRACTION,
     Batch,
-    FeatureTable,
     ModalityLayout,
     ModelDataError,
+    Split,
     catalog_arrays,
     check_featurizers,
     fit_layout,
@@ -47,7 +51,9 @@ from model.data import (
     training_fingerprint,
 )
 from model.metrics import all_target_metrics, mean_mae
-from model.network import NetworkConfig, PopularityNet, pinball_loss
+from model.network import QUANTILES, NetworkConfig, PopularityNet, pinball_loss
+
+__all__ = ["TrainingConfig", "train"]
 
 log = logging.getLogger("popcast.train")
 
@@ -62,7 +68,7 @@ class TrainingConfig:
     warmup_epochs: int = 2
     patience: int = 10
     ensemble_size: int = 5
-    validation_fraction: float = 0.15
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
 
 
@@ -95,7 +101,7 @@ def _evaluate_loss(net: PopularityNet, batch: Batch, device: str, bs: int = 4096
     """(pinball loss, MAE of the median) on normalised labels over known labels."""
     net.eval()
     total_loss = total_abs = count = 0.0
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(batch), bs):
             rows = torch.arange(start, min(start + bs, len(batch)))
             part = batch.index(rows).to(device)
@@ -133,7 +139,7 @@ def fit_network(net: PopularityNet, train_batch: Batch, val_batch: Batch | None,
             part = train_batch.index(rows).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * _lr_factor(epoch, step, steps, epochs, cfg.warmup_epochs)
-            with _autocast(device):
+            with autocast(device):
                 pred = net(part)
             loss = pinball_loss(pred.float(), part.labels, part.label_mask)
             optimizer.zero_grad(set_to_none=True)
@@ -191,18 +197,41 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
     `catalog` is the conformed catalog table (pipelines.catalog.read_catalog reads one from a path)."""
     started = time.perf_counter()
     training = training or TrainingConfig()
-    table = catalog
-    arrays = catalog_arrays(table)
+    arrays = catalog_arrays(catalog)
     labelled = np.isfinite(arrays["log_labels"]).any(axis=1)
     split = time_split(arrays["publish_s"], labelled, split_quantile, training.validation_fraction)
     tables = read_features(features_dir, modalities)
     if not tables:
         raise ModelDataError(f"no feature tables under {features_dir}")
     source = load_model(init_from) if init_from else None
+    layouts = _fit_layouts(arrays, split, tables, source)
+    network = _network_config(network, source, arrays, split, clamp_age)
+    data = _TrainingData(arrays, split, tables, layouts,
+                         _TargetNormalisation.fit(arrays["log_labels"][split.train]), log_age(arrays["age_days"]))
+    config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
+                           init_from=init_from, freeze=freeze, device=device)
+    ensemble = _EnsembleFit(config, data, training, device, source, tuple(freeze))
+    networks, histories = ensemble.fit(seed, threads)
+    config["model_version"] = model_version(config)
+    config["history"] = histories
+    model = LoadedModel(config=config, networks=networks, layouts=layouts, device="cpu")
+
+    q = _test_predictions(model, catalog, data)
+    metrics = _test_metrics(q, data, seed, baselines_enabled)
+    config["metrics"] = {"test": metrics, "train_seconds": round(time.perf_counter() - started, 1)}
+    result = _metrics_json(config)
+    _write_artifact(output_dir, networks, config, _prediction_table(q, data), result)
+    _log_summary(result, started)
+    return result
+
+
+def _fit_layouts(arrays: dict[str, np.ndarray], split: Split, tables: dict[str, FeatureTable],
+                 source: LoadedModel | None) -> dict[str, ModalityLayout]:
+    """Each modality's inputs and normalisation: a warm start keeps its source's (the weights expect them);
+    a fresh model fits them on its training rows only."""
     if source is not None:
-        layouts = {k: v for k, v in source.layouts.items()}
+        layouts = dict(source.layouts)
         check_featurizers(layouts, tables)
-        network = NetworkConfig(**source.config["network"])
     else:
         layouts = {}
         for name, ft in tables.items():
@@ -210,102 +239,181 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
             layouts[name] = fit_layout(ft, rows[rows >= 0])
     # One canonical (sorted) modality order: config.json is written with sorted keys, and the order of the
     # modality tokens is part of the architecture.
-    layouts = {name: layouts[name] for name in sorted(layouts)}
+    return {name: layouts[name] for name in sorted(layouts)}
+
+
+def _network_config(network: NetworkConfig | None, source: LoadedModel | None, arrays: dict[str, np.ndarray],
+                    split: Split, clamp_age: bool) -> NetworkConfig:
+    """The architecture: a warm start must rebuild its source's, whatever was asked for.
+
+    The caller's NetworkConfig is completed in place (and returned), as callers may read it afterwards.
+    """
+    if source is not None:
+        network = NetworkConfig(**source.config["network"])
     network = network or NetworkConfig()
     network.n_targets = len(TARGETS)
     if source is None and clamp_age:
         fit_rows = np.concatenate([split.train, split.validation])
         network.log_age_min = float(np.min(log_age(arrays["age_days"][fit_rows])))
         network.log_age_max = float(np.max(log_age(arrays["age_days"][fit_rows])))
-    y = arrays["log_labels"]
-    center = np.nan_to_num(np.nanmedian(y[split.train], axis=0), nan=0.0)
-    scale = np.nan_to_num(np.nanstd(y[split.train], axis=0), nan=1.0)
-    scale = np.where(scale > 1e-6, scale, 1.0)
-    log_ages = log_age(arrays["age_days"])
+    return network
 
-    def batch_for(rows: np.ndarray) -> Batch:
-        normalised = (y[rows] - center) / scale
-        return make_batch(layouts, tables, arrays["video_id"][rows], log_ages[rows], normalised)
 
-    train_b, val_b = batch_for(split.train), batch_for(split.validation)
-    full_rows = np.sort(np.concatenate([split.train, split.validation]))
-    config = {
+@dataclass
+class _TargetNormalisation:
+    """Per-target center and scale of log1p labels, fitted on training rows: the network learns unit-scale
+    targets, and config.json carries both so that scoring can undo them."""
+    center: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, train_labels: np.ndarray) -> "_TargetNormalisation":
+        center = np.nan_to_num(np.nanmedian(train_labels, axis=0), nan=0.0)
+        scale = np.nan_to_num(np.nanstd(train_labels, axis=0), nan=1.0)
+        # A constant target would divide by ~0.
+        return cls(center, np.where(scale > 1e-6, scale, 1.0))
+
+    def normalise(self, log_labels: np.ndarray) -> np.ndarray:
+        return (log_labels - self.center) / self.scale
+
+
+@dataclass
+class _TrainingData:
+    """The catalog arrays, split, feature tables and fitted layouts that every training step reads."""
+    arrays: dict[str, np.ndarray]
+    split: Split
+    tables: dict[str, FeatureTable]
+    layouts: dict[str, ModalityLayout]
+    targets: _TargetNormalisation
+    log_ages: np.ndarray
+
+    @property
+    def fit_rows(self) -> np.ndarray:
+        """Train + validation rows, sorted: what the refit trains on and what the fingerprint covers."""
+        return np.sort(np.concatenate([self.split.train, self.split.validation]))
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        """Network inputs of the given catalog rows, with normalised labels."""
+        return make_batch(self.layouts, self.tables, self.arrays["video_id"][rows], self.log_ages[rows],
+                          self.targets.normalise(self.arrays["log_labels"][rows]))
+
+
+def _model_config(data: _TrainingData, network: NetworkConfig, training: TrainingConfig, *, seed: int,
+                  split_quantile: float, init_from: str | None, freeze: tuple[str, ...] | list[str],
+                  device: str) -> dict:
+    """config.json without the results: everything needed to rebuild, reload and identify the model."""
+    layouts = data.layouts
+    return {
         "format": FORMAT, "network": asdict(network), "training": asdict(training),
         "layouts": {k: v.to_json() for k, v in layouts.items()},
         "featurizers": {k: v.featurizer for k, v in layouts.items()},
-        "targets": list(TARGETS), "target_center": center.tolist(), "target_scale": scale.tolist(),
-        "quantiles": [0.1, 0.5, 0.9], "ensemble_size": training.ensemble_size, "seed": seed,
-        "split": {"quantile": split_quantile, **split.to_json()},
-        "fingerprint": training_fingerprint(arrays, full_rows, [v.featurizer for v in layouts.values()]),
+        "targets": list(TARGETS), "target_center": data.targets.center.tolist(),
+        "target_scale": data.targets.scale.tolist(),
+        "quantiles": list(QUANTILES), "ensemble_size": training.ensemble_size, "seed": seed,
+        "split": {"quantile": split_quantile, **data.split.to_json()},
+        "fingerprint": training_fingerprint(data.arrays, data.fit_rows, [v.featurizer for v in layouts.values()]),
         "init_from": init_from, "freeze": list(freeze), "device": device,
     }
-    networks, histories = [], []
-    with deterministic(seed, threads):
-        for member in range(training.ensemble_size):
-            member_seed = seed * 1000 + member
-            torch.manual_seed(member_seed)
-            net = build_networks({**config, "ensemble_size": 1})[0]
-            if source is not None:
-                _apply_warm_start([net], source, tuple(freeze))
-                net.networks_warm = True
-            net, history = fit_network(net, train_b, val_b, training, member_seed, device, tag=f"[m{member}] ")
-            best_epoch = max([h["epoch"] for h in history if h.get("best")] or [len(history)])
-            if training.refit_full_train:
-                # The latest videos are the most informative for the future: retrain on train+validation for
-                # the early-stopped number of epochs (the validation set was only needed to pick that number).
-                torch.manual_seed(member_seed)
-                refit = build_networks({**config, "ensemble_size": 1})[0]
-                if source is not None:
-                    _apply_warm_start([refit], source, tuple(freeze))
-                net, refit_history = fit_network(refit, batch_for(full_rows), None, training, member_seed + 1,
-                                                 device, fixed_epochs=best_epoch, tag=f"[m{member} refit] ")
-                history = {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}
-            else:
-                history = {"early_stopping": history, "best_epoch": best_epoch}
-            networks.append(net.to("cpu").eval())
-            histories.append(history)
-    config["model_version"] = model_version(config)
-    config["history"] = histories
-    model = LoadedModel(config=config, networks=networks, layouts=layouts, device="cpu")
 
-    test_ids = arrays["video_id"][split.test]
-    test_rows_table = table.take(pa.array(split.test))
-    q = model.predict_log(test_rows_table, tables, log_ages[split.test])
-    truth = y[split.test]
+
+@dataclass
+class _EnsembleFit:
+    """What every ensemble member is trained from; members differ only by their seed."""
+    config: dict
+    data: _TrainingData
+    training: TrainingConfig
+    device: str
+    source: LoadedModel | None
+    freeze: tuple[str, ...]
+
+    def fit(self, seed: int, threads: int | None) -> tuple[list[PopularityNet], list[dict]]:
+        """The trained members (on CPU, eval mode) and their training histories."""
+        train_batch, val_batch = self.data.batch(self.data.split.train), self.data.batch(self.data.split.validation)
+        networks, histories = [], []
+        with deterministic(seed, threads):
+            for member in range(self.training.ensemble_size):
+                net, history = self._fit_member(member, seed * 1000 + member, train_batch, val_batch)
+                networks.append(net.to("cpu").eval())
+                histories.append(history)
+        return networks, histories
+
+    def _initial_network(self, member_seed: int) -> PopularityNet:
+        # Seeded here, so that the refit starts from the very weights the early-stopping run started from.
+        torch.manual_seed(member_seed)
+        net = build_networks({**self.config, "ensemble_size": 1})[0]
+        if self.source is not None:
+            _apply_warm_start([net], self.source, self.freeze)
+        return net
+
+    def _fit_member(self, member: int, member_seed: int, train_batch: Batch, val_batch: Batch
+                    ) -> tuple[PopularityNet, dict]:
+        net, history = fit_network(self._initial_network(member_seed), train_batch, val_batch, self.training,
+                                   member_seed, self.device, tag=f"[m{member}] ")
+        best_epoch = max([h["epoch"] for h in history if h.get("best")] or [len(history)])
+        if not self.training.refit_full_train:
+            return net, {"early_stopping": history, "best_epoch": best_epoch}
+        # The latest videos are the most informative for the future: retrain on train+validation for
+        # the early-stopped number of epochs (the validation set was only needed to pick that number).
+        net, refit_history = fit_network(self._initial_network(member_seed), self.data.batch(self.data.fit_rows),
+                                         None, self.training, member_seed + 1, self.device, fixed_epochs=best_epoch,
+                                         tag=f"[m{member} refit] ")
+        return net, {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}
+
+
+def _test_predictions(model: LoadedModel, catalog: pa.Table, data: _TrainingData) -> np.ndarray:
+    """(N_test, T, 3) log1p quantiles of the test rows, through the scoring path of the finished model."""
+    test = data.split.test
+    return model.predict_log(catalog.take(pa.array(test)), data.tables, data.log_ages[test])
+
+
+def _test_metrics(q: np.ndarray, data: _TrainingData, seed: int, baselines_enabled: bool) -> dict:
+    """The network's test metrics, and the baselines' on the same rows."""
+    truth = data.arrays["log_labels"][data.split.test]
     metrics = {"model": all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])}
     if baselines_enabled:
-        metrics.update(fit_baselines(arrays, split, layouts, tables, log_ages, seed))
+        metrics.update(fit_baselines(data.arrays, data.split, data.layouts, data.tables, data.log_ages, seed))
+    return metrics
+
+
+def _prediction_table(q: np.ndarray, data: _TrainingData) -> pa.Table:
+    """test_predictions.parquet: expected counts and p10/p90 of each test row at its observed age."""
+    test = data.split.test
     counts = quantiles_to_counts(q)
-    columns = {"video_id": pa.array(test_ids.astype(str), pa.string()),
-               "observed_age_days": pa.array(arrays["age_days"][split.test])}
+    columns = {"video_id": pa.array(data.arrays["video_id"][test].astype(str), pa.string()),
+               "observed_age_days": pa.array(data.arrays["age_days"][test])}
     for target in TARGETS:
         for prefix in ("pred", "p10", "p90"):
             columns[f"{prefix}_{target}"] = pa.array(counts[f"{prefix}_{target}"])
-    config["metrics"] = {"test": metrics, "train_seconds": round(time.perf_counter() - started, 1)}
+    return pa.table(columns)
+
+
+def _metrics_json(config: dict) -> dict:
+    """metrics.json (and what train() returns): the results part of a finished config."""
+    return {"model_version": config["model_version"], "split": config["split"], "seed": config["seed"],
+            "featurizers": config["featurizers"], "test": config["metrics"]["test"],
+            "train_seconds": config["metrics"]["train_seconds"], "history": config["history"]}
+
+
+def _write_artifact(output_dir: str, networks: list[PopularityNet], config: dict, predictions: pa.Table,
+                    metrics: dict) -> None:
+    """MODEL_DIR: weights + config.json, test_predictions.parquet and metrics.json."""
     save_model(output_dir, networks, config)
     fs, root = storage.filesystem_and_path(output_dir)
     with fs.open_output_stream(f"{root}/test_predictions.parquet") as out:
-        pq.write_table(pa.table(columns), out)
-    result = {"model_version": config["model_version"], "split": config["split"], "seed": seed,
-              "featurizers": config["featurizers"], "test": metrics,
-              "train_seconds": config["metrics"]["train_seconds"], "history": histories}
+        pq.write_table(predictions, out)
     storage.write_bytes(storage.join(output_dir, "metrics.json"),
-                        _dumps(result).encode())
-    log.info("trained %s in %.0fs: mean MAE(log1p) model %.3f%s", config["model_version"],
+                        json.dumps(metrics, indent=1, default=json_default).encode())
+
+
+def _log_summary(result: dict, started: float) -> None:
+    metrics = result["test"]
+    log.info("trained %s in %.0fs: mean MAE(log1p) model %.3f%s", result["model_version"],
              time.perf_counter() - started, mean_mae(metrics["model"]),
              "".join(f", {k} {mean_mae(v):.3f}" for k, v in metrics.items() if k != "model" and isinstance(v, dict)
                      and "views" in v))
-    return result
 
 
-def _dumps(obj) -> str:
-    import json
-
-    from model.artifact import _json_default
-    return json.dumps(obj, indent=1, default=_json_default)
-
-
-def fit_baselines(arrays: dict, split, layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTable],
+def fit_baselines(arrays: dict, split: Split, layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTable],
                   log_ages: np.ndarray, seed: int) -> dict:
     """Global median, creator-history mean and LightGBM on the tabular features, same split."""
     y = arrays["log_labels"]

@@ -2,24 +2,35 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 
+__all__ = ["train_parser", "train_main", "evaluate_parser", "evaluate_main"]
+
 
 def train_parser() -> argparse.ArgumentParser:
+    # The defaults are model.train's own (train() and TrainingConfig), so that the CLI cannot drift from them.
+    from model.train import TrainingConfig, train
+    defaults = {name: param.default for name, param in inspect.signature(train).parameters.items()}
+    training = TrainingConfig()
     p = argparse.ArgumentParser(prog="popcast train", description="Train the fusion model on stored features.")
     p.add_argument("--catalog", required=True, help="catalog (Parquet/CSV/JSONL, local or gs://)")
     p.add_argument("--features", required=True, help="features directory (DIR/<modality>/*.parquet)")
     p.add_argument("--output", required=True, help="MODEL_DIR to write")
-    p.add_argument("--split-quantile", type=float, default=0.8,
-                   help="rows with publish_time ≥ this quantile are the test set (default 0.8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (runs are deterministic per seed)")
-    p.add_argument("--init-from", default=None, help="warm-start from an earlier MODEL_DIR")
+    p.add_argument("--split-quantile", type=float, default=defaults["split_quantile"],
+                   help="rows with publish_time ≥ this quantile are the test set (default %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults["seed"],
+                   help="random seed (runs are deterministic per seed; default %(default)s)")
+    p.add_argument("--init-from", default=defaults["init_from"], help="warm-start from an earlier MODEL_DIR")
     p.add_argument("--freeze", default="", help="comma-separated branches to freeze with --init-from "
                                                 "(modality names, trunk, head)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on CUDA)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per ensemble member")
-    p.add_argument("--ensemble", type=int, default=None, help="number of ensemble members (default 5)")
+    p.add_argument("--device", default=defaults["device"],
+                   help="cpu or cuda (bf16 autocast on CUDA; default %(default)s)")
+    p.add_argument("--epochs", type=int, default=training.epochs,
+                   help="maximum epochs per ensemble member (default %(default)s)")
+    p.add_argument("--ensemble", type=int, default=training.ensemble_size,
+                   help="number of ensemble members (default %(default)s)")
     p.add_argument("--modalities", default="", help="comma-separated subset of modalities to use (default: all)")
     return p
 
@@ -29,13 +40,11 @@ def train_main(argv: list[str] | None = None) -> dict:
     from pipelines.catalog import read_catalog
     args = train_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    training = TrainingConfig()
-    if args.epochs:
-        training.epochs = args.epochs
-    if args.ensemble:
-        training.ensemble_size = args.ensemble
-    result = train(read_catalog(args.catalog), args.features, args.output, split_quantile=args.split_quantile, seed=args.seed,
-                   init_from=args.init_from, freeze=tuple(x for x in args.freeze.split(",") if x),
+    # 0 has always meant "the default" here, not "no training".
+    overrides = {"epochs": args.epochs, "ensemble_size": args.ensemble}
+    training = TrainingConfig(**{k: v for k, v in overrides.items() if v})
+    result = train(read_catalog(args.catalog), args.features, args.output, split_quantile=args.split_quantile,
+                   seed=args.seed, init_from=args.init_from, freeze=tuple(x for x in args.freeze.split(",") if x),
                    device=args.device, training=training,
                    modalities=tuple(x for x in args.modalities.split(",") if x) or None)
     print(json.dumps({"model_version": result["model_version"], "test": {
