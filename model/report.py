@@ -9,7 +9,6 @@ import base64
 import html
 import io
 import json
-
 from dataclasses import dataclass
 
 import numpy as np

@@ -19,6 +19,7 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from featurizers.core.storage import join
+from featurizers.visual import resolve_device as torch_device
 from pipelines import publish
 from pipelines.catalog import CatalogError
 from pipelines.profiles import PROFILES, expand
@@ -55,7 +56,6 @@ def resolve_device(device: str) -> str:
     submit a job for GPU workers)."""
     if device != "auto":
         return device
-    from featurizers.visual import resolve_device as torch_device
     return str(torch_device("auto"))
 
 
