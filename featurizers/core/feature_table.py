@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from featurizers.core import storage
-from featurizers.core.contracts import MEDIA_MODALITIES, MISSING_VECTOR, FeatureSpec
+from featurizers.core.contracts import BUCKET_COLUMN, MEDIA_MODALITIES, MISSING_VECTOR, FeatureSpec
 
 __all__ = ["NEEDS_COLUMN", "FeatureTable", "fixed_size_list_to_numpy", "numpy_to_fixed_size_list", "modality_path",
            "read_feature_table", "feature_table_from_arrow", "rows_to_table", "feature_table_to_arrow",
@@ -89,7 +89,7 @@ def feature_table_from_arrow(table: pa.Table, modality: str, metadata: dict | No
     featurizer = metadata.get(b"popcast.featurizer", b"").decode()
     vectors, scalars = {}, {}
     for name in table.column_names:
-        if name in ("video_id", "featurizer"):
+        if name in ("video_id", "featurizer", BUCKET_COLUMN):
             continue
         col = table.column(name)
         if pa.types.is_fixed_size_list(col.type):
