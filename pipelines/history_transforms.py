@@ -32,11 +32,10 @@ from featurizers.history import (
 )
 from pipelines import publish
 from pipelines.catalog import read_catalog
-from pipelines.shards import split_into_shards
-from pipelines.transforms import CountAndLog, ToArrowTables
+from pipelines.transforms import CountAndLog
 
 __all__ = ["author_bucket", "CreatorHistory", "curves_dir", "prepare_history", "find_history_spec",
-           "stage_history_inputs", "history_side"]
+           "stage_history_inputs"]
 
 QUERY, SOURCE, BOTH = "q", "s", "qs"
 
@@ -180,15 +179,3 @@ def stage_history_inputs(catalog: pa.Table, todo: pa.Table, history_path: str | 
     publish.write_table(todo.select(list(QUERY_COLUMNS)), query_path)
     publish.write_table(combine_sources(*sources), source_path)
     return query_path, source_path, spec
-
-
-def history_side(pipeline, query_path: str, source_path: str, spec: FeatureSpec, shards: int):
-    """The score job's history features, as of scoring, as (shard, ("history", table)) for its join."""
-    from apache_beam.io.parquetio import ReadFromParquet
-
-    rows = {"query": pipeline | "ReadHistoryQuery" >> ReadFromParquet(query_path),
-            "source": pipeline | "ReadHistorySource" >> ReadFromParquet(source_path)}
-    return (rows
-            | "CreatorHistory" >> CreatorHistory(curve_from_spec_config(spec.config))
-            | "HistoryToArrow" >> ToArrowTables(spec.schema())
-            | "ShardHistory" >> beam.FlatMap(split_into_shards, shards, "history"))

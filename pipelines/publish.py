@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from featurizers.core import storage
 from featurizers.core.contracts import ERRORS_SCHEMA
-from featurizers.core.feature_table import parquet_files
+from featurizers.core.feature_table import FEATURE_ROW_GROUP_ROWS, parquet_files, write_sorted
 
 __all__ = ["CATALOG_ROW_COLUMN", "dictionary_columns", "write_table", "publish_features", "write_run_summary",
            "remove_staging", "staged_prediction_schema", "publish_partitions", "partition_id_array",
@@ -91,10 +91,15 @@ def publish_features(staging: str, output: str, modalities: list[str], run_id: s
                         pq.write_table(kept, staged_files[0], filesystem=fs)
                         staged_ids = kept.column("video_id")
             published[modality] = pa.table({"video_id": staged_ids})
-        for i, source in enumerate(staged_files):
-            if pq.ParquetFile(source, filesystem=fs).metadata.num_rows == 0:
-                continue  # Beam writes an empty shard when a modality had no rows
-            _move(fs, source, f"{dest_path}/{run_id}-{i:05d}.parquet")
+        if modality == "_errors":
+            for i, source in enumerate(staged_files):
+                if pq.ParquetFile(source, filesystem=fs).metadata.num_rows == 0:
+                    continue  # Beam writes an empty shard when a modality had no rows
+                _move(fs, source, f"{dest_path}/{run_id}-{i:05d}.parquet")
+        else:   # one file per run and modality, sorted by video_id (feature_table.write_sorted)
+            write_sorted(staged_files, f"{dest_path}/{run_id}-00000.parquet", fs)
+            for source in staged_files:
+                fs.delete_file(source)
     return published
 
 
@@ -105,9 +110,9 @@ def _drop_ids(fs: pafs.FileSystem, files: list[str], ids: pa.ChunkedArray | pa.A
         keep = pc.invert(pc.is_in(table.column("video_id"), ids))
         if pc.all(keep).as_py():
             continue
-        kept = table.filter(keep)
+        kept = table.filter(keep)   # filtering keeps the video_id order
         tmp = f"{path.rsplit('/', 1)[0]}/_rewrite-{path.rsplit('/', 1)[1]}"
-        pq.write_table(kept, tmp, filesystem=fs)
+        pq.write_table(kept, tmp, filesystem=fs, row_group_size=FEATURE_ROW_GROUP_ROWS)
         if kept.num_rows:
             _move(fs, tmp, path)
         else:

@@ -3,10 +3,13 @@
     popcast score --catalog PATH --features DIR --model MODEL_DIR --output TABLE
                   [--date YYYY-MM-DD | --start YYYY-MM-DD --end YYYY-MM-DD] [--horizon-days 7] [Beam options]
 
-Row ids are joined with stored features in shards of Arrow tables (a GroupByKey on a hash of video_id);
-rows lacking features for the model's featurizer versions are featurized on the fly with the featurize
-transforms. The job stages ids + predictions; publishing attaches them to the catalog rows and replaces
-each date's partition TABLE/dt=YYYY-MM-DD/ whole.
+Feature files are sorted by video_id in small row groups (featurizers/core/feature_table.py). The job cuts
+the rows to score into shards of contiguous video_id ranges; only the ranges pass through the runner, and
+each worker reads its shard's rows and feature row groups straight from Parquet, so no feature vector is
+shuffled and a worker's memory does not grow with the catalog. Rows lacking features for the
+model's featurizer versions are featurized on the fly first (the featurize transforms), as is creator
+history. The job stages ids + predictions; publishing attaches them to the catalog rows and replaces each
+date's partition TABLE/dt=YYYY-MM-DD/ whole.
 """
 from __future__ import annotations
 
@@ -21,16 +24,27 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.io.parquetio import ReadFromParquet, ReadFromParquetBatched, WriteToParquetBatched
+import pyarrow.parquet as pq
+from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from featurizers.core import storage
-from featurizers.core.contracts import ERRORS_SCHEMA, PREDICTION_COLUMNS, FeatureSpec
-from featurizers.core.feature_table import NEEDS_COLUMN, featurized_ids, modalities_needed, parquet_files
+from featurizers.core.contracts import ERRORS_SCHEMA, OPTIONAL_MODALITIES, PREDICTION_COLUMNS, FeatureSpec
+from featurizers.core.feature_table import (
+    FEATURE_ROW_GROUP_ROWS,
+    NEEDS_COLUMN,
+    featurized_ids,
+    id_ranges,
+    is_sorted_by_id,
+    modalities_needed,
+    parquet_files,
+    write_sorted,
+)
+from featurizers.history import curve_from_spec_config
 from model.artifact import LoadedModel, load_model
 from pipelines import publish
 from pipelines.catalog import read_catalog
-from pipelines.history_transforms import history_side, stage_history_inputs
+from pipelines.history_transforms import CreatorHistory, stage_history_inputs
 from pipelines.iceberg_sink import overwrite_partitions
 from pipelines.job import (
     JobSummary,
@@ -43,20 +57,20 @@ from pipelines.job import (
     run_beam,
     staging_dir,
 )
-from pipelines.score_transforms import JoinedShard, ScoreHandler, ValidateShard, on_the_fly_config
-from pipelines.shards import default_shards, keep_featurizer, split_into_shards
+from pipelines.score_transforms import ReadShard, ScoreHandler, ShardSources, ValidateShard, on_the_fly_config
 from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, FeaturizeRows, ToArrowTables, error_row
 
 __all__ = ["parse_known_args", "selected_dates", "rows_of_dates", "ScoreSummary", "horizon_warnings",
-           "build_pipeline", "ScorePlan", "plan_run", "run", "unaccounted_rows", "main"]
+           "build_inputs_pipeline", "build_pipeline", "ScorePlan", "plan_run", "stage_rows_to_score",
+           "stored_feature_files", "add_fresh_features", "run", "unaccounted_rows", "main"]
 
 log = logging.getLogger("popcast.score")
-# The only catalog columns that travel through the job: the join key, the per-row checks and the row's
-# position in the scored catalog. The other catalog columns are attached to the predictions by position
-# when partitions are published (publish_partitions), so the job shuffles, pickles and writes ids and
-# predictions, not captions and hashtags.
+# The only catalog columns the workers read: the join key, the per-row checks and the row's position in the
+# scored catalog. The other catalog columns are attached to the predictions by position when partitions
+# are published (publish_partitions), so the job reads and writes ids and predictions, not captions.
 ROW_COLUMN = publish.CATALOG_ROW_COLUMN
-JOIN_COLUMNS = ("video_id", "publish_time", ROW_COLUMN)
+# Rows per shard: one shard is one model batch; at 896 text floats a row that is ~60 MB of features.
+ROWS_PER_SHARD = 16_384
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -69,7 +83,8 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--start", default=None, help="first date of a backfill (inclusive)")
     parser.add_argument("--end", default=None, help="last date of a backfill (inclusive)")
     parser.add_argument("--horizon-days", type=float, default=7.0, help="age at which counts are predicted")
-    parser.add_argument("--shards", type=int, default=0, help="join shards (default: about 20k rows each)")
+    parser.add_argument("--shards", type=int, default=0,
+                        help=f"split the rows into about this many shards (default: {ROWS_PER_SHARD:,} rows each)")
     parser.add_argument("--iceberg", default=None,
                         help="also overwrite partitions of an Iceberg table: CATALOG_URI#namespace.table "
                              "(e.g. sqlite:////tmp/cat.db#popcast.scored)")
@@ -133,57 +148,54 @@ def horizon_warnings(horizon_days: float, trained_age_days: tuple[float, float] 
             "whose labels were observed at ages that include the horizon"]
 
 
-def build_pipeline(pipeline, *, input_path: str, features_dir: str, staging: str, model_dir: str,
-                   model_featurizers: dict[str, str], featurize_config, specs: dict, horizon_days: float,
-                   shards: int, run_id: str, staged_schema: pa.Schema, needs_featurizing: bool, device: str,
-                   history: tuple | None = None):
-    """The Beam graph: row ids + stored features (+ on-the-fly features) → sharded join → model → Parquet
-    of video_id + prediction columns (staged_schema)."""
+def build_inputs_pipeline(pipeline: beam.Pipeline, plan: "ScorePlan") -> None:
+    """The first Beam graph, when needed: features of the rows that lack stored ones (the featurize
+    transforms and dead-letter rules) and creator history as of scoring, staged unsorted under
+    STAGING/_fresh/<modality>/ (publish-free: they serve this run only)."""
+    if plan.on_the_fly:
+        rows = pipeline | "ReadRowsToFeaturize" >> ReadFromParquet(plan.featurize_input)
+        fresh = rows | "FeaturizeOnTheFly" >> FeaturizeRows(plan.featurize_config, plan.specs)
+        for modality, spec in plan.specs.items():
+            (fresh[modality]
+             | f"Fresh{modality}ToArrow" >> ToArrowTables(spec.schema())
+             | f"WriteFresh{modality}" >> WriteToParquetBatched(
+                 storage.join(plan.staging, "_fresh", modality, "part"), spec.schema(), file_name_suffix=".parquet"))
+        (fresh[ERRORS_TAG]
+         | "FeaturizeErrorsToArrow" >> ToArrowTables(ERRORS_SCHEMA)
+         | "WriteFeaturizeErrors" >> WriteToParquetBatched(
+             storage.join(plan.staging, "_errors", f"featurize-{plan.run_id}"), ERRORS_SCHEMA,
+             file_name_suffix=".parquet"))
+    if plan.history is not None:
+        query_path, source_path, spec = plan.history
+        rows = {"query": pipeline | "ReadHistoryQuery" >> ReadFromParquet(query_path),
+                "source": pipeline | "ReadHistorySource" >> ReadFromParquet(source_path)}
+        (rows
+         | "CreatorHistory" >> CreatorHistory(curve_from_spec_config(spec.config))
+         | "HistoryToArrow" >> ToArrowTables(spec.schema())
+         | "WriteHistory" >> WriteToParquetBatched(storage.join(plan.staging, "_fresh", "history", "part"),
+                                                   spec.schema(), file_name_suffix=".parquet"))
 
-    catalog = (pipeline
-               | "ReadCatalogKeys" >> ReadFromParquetBatched(input_path, columns=list(JOIN_COLUMNS))
-               | "ShardCatalog" >> beam.FlatMap(split_into_shards, shards, "catalog"))
-    sides = [catalog]
-    errors = []
-    for modality, featurizer in model_featurizers.items():
-        if modality == "history":   # computed below as of scoring, never read from stored features
-            continue
-        stored_files = parquet_files(storage.join(features_dir, modality))
-        if stored_files:
-            pattern = storage.join(features_dir, modality, "*.parquet")
-            sides.append(pipeline
-                         | f"ReadStored{modality}" >> ReadFromParquetBatched(pattern)
-                         | f"Keep{modality}Version" >> beam.Map(keep_featurizer, featurizer)
-                         | f"Shard{modality}" >> beam.FlatMap(split_into_shards, shards, modality))
-    if needs_featurizing:
-        rows = (pipeline
-                | "ReadRowsToFeaturize" >> ReadFromParquet(input_path)
-                | "NeedsFeatures" >> beam.Filter(lambda r: len(r[NEEDS_COLUMN]) > 0))
-        fresh = rows | "FeaturizeOnTheFly" >> FeaturizeRows(featurize_config, specs)
-        errors.append(fresh[ERRORS_TAG])
-        for modality, spec in specs.items():
-            sides.append(fresh[modality]
-                         | f"Fresh{modality}ToArrow" >> ToArrowTables(spec.schema())
-                         | f"ShardFresh{modality}" >> beam.FlatMap(split_into_shards, shards, modality))
-    if history is not None:
-        sides.append(history_side(pipeline, *history, shards))
-    joined = (sides
-              | "AllSides" >> beam.Flatten()
-              | "JoinByShard" >> beam.GroupByKey()
-              | "Assemble" >> beam.Map(JoinedShard.assemble)
-              | "Validate" >> beam.ParDo(ValidateShard(run_id)).with_outputs(ERRORS_TAG, main="valid"))
-    errors.append(joined[ERRORS_TAG])
-    handler = KeyedModelHandler(ScoreHandler(model_dir, horizon_days, run_id, staged_schema, device))
+
+def build_pipeline(pipeline: beam.Pipeline, plan: "ScorePlan", model_dir: str, horizon_days: float) -> None:
+    """The scoring Beam graph: video_id ranges → each worker reads its shard's rows and features from the
+    sorted Parquet files → per-row checks → model → Parquet of video_id + predictions
+    (plan.staged_schema). Only the ranges are shuffled; the dead letters go to STAGING/_errors/."""
+    joined = (pipeline
+              | "ShardRanges" >> beam.Create(plan.shard_ranges)
+              | "SpreadShards" >> beam.Reshuffle()
+              | "ReadShards" >> beam.ParDo(ReadShard(plan.sources))
+              | "Validate" >> beam.ParDo(ValidateShard(plan.run_id)).with_outputs(ERRORS_TAG, main="valid"))
+    handler = KeyedModelHandler(ScoreHandler(model_dir, horizon_days, plan.run_id, plan.staged_schema,
+                                             plan.device))
     scored, failed = joined.valid | "Predict" >> RunInference(handler).with_exception_handling()
-    errors.append(failed.failed_inferences | "PredictFailures" >> beam.FlatMap(_failed_shards, run_id))
     (scored
      | "Predictions" >> beam.Map(lambda kv: kv[1].inference)
-     | "WriteScored" >> WriteToParquetBatched(storage.join(staging, "scored", f"part-{run_id}"), staged_schema,
-                                              file_name_suffix=".parquet"))
-    (errors
+     | "WriteScored" >> WriteToParquetBatched(storage.join(plan.staging, "scored", f"part-{plan.run_id}"),
+                                              plan.staged_schema, file_name_suffix=".parquet"))
+    ((joined[ERRORS_TAG], failed.failed_inferences | "PredictFailures" >> beam.FlatMap(_failed_shards, plan.run_id))
      | "AllErrors" >> beam.Flatten()
      | "ErrorsToArrow" >> ToArrowTables(ERRORS_SCHEMA)
-     | "WriteErrors" >> WriteToParquetBatched(storage.join(staging, "_errors", f"part-{run_id}"),
+     | "WriteErrors" >> WriteToParquetBatched(storage.join(plan.staging, "_errors", f"part-{plan.run_id}"),
                                               ERRORS_SCHEMA, file_name_suffix=".parquet"))
 
 
@@ -196,11 +208,10 @@ def _failed_shards(failed, run_id: str):
 
 @dataclass
 class ScorePlan:
-    """What the driver decides before the Beam job runs: the rows to score, the model and how the rows
-    reach it (stored features, on-the-fly featurization, history), and where the run stages its files."""
+    """What the driver decides before the Beam jobs run: the rows to score, the model and how the rows
+    reach it (stored features, on-the-fly featurization, history), the shards, and where the run stages."""
     run_id: str
     device: str
-    catalog: pa.Table
     dates: list[date]
     todo: pa.Table
     model: LoadedModel
@@ -208,27 +219,31 @@ class ScorePlan:
     specs: dict[str, FeatureSpec]
     on_the_fly: int
     staging: str
-    input_path: str
+    featurize_input: str
+    sources: ShardSources
+    shard_ranges: list[tuple[str | None, str | None]]
     scored_schema: pa.Schema
     staged_schema: pa.Schema
-    shards: int
     history: tuple | None
     warnings: list[str]
 
 
 def plan_run(args: argparse.Namespace) -> ScorePlan:
-    """Read the catalog and the model, decide which rows need on-the-fly features, stage the job's input."""
+    """Read the catalog and the model, decide which rows need on-the-fly features, stage the job's input:
+    the rows to score sorted by video_id, cut into shards of about ROWS_PER_SHARD rows (or --shards shards)."""
     run_id = args.run_id or new_run_id()
     device = resolve_device(args.device)
     catalog = read_catalog(args.catalog)
     dates = selected_dates(args, catalog)
     todo = rows_of_dates(catalog, dates)
+    del catalog
     model = load_model(args.model)
     warnings = horizon_warnings(args.horizon_days, model.trained_age_days)
     for warning in warnings:
         log.warning(warning)
     config, specs = on_the_fly_config(model, run_id, device)
-    needs = modalities_needed(todo, featurized_ids(args.features, model.featurizers), list(specs))
+    stored = {m: f for m, f in model.featurizers.items() if m not in OPTIONAL_MODALITIES}
+    needs = modalities_needed(todo, featurized_ids(args.features, stored), list(specs))
     on_the_fly = int(np.count_nonzero(pc.list_value_length(needs).to_numpy(zero_copy_only=False)))
     mismatched = {m: (s.featurizer_id, model.featurizers[m]) for m, s in specs.items()
                   if s.featurizer_id != model.featurizers.get(m)}
@@ -237,40 +252,86 @@ def plan_run(args: argparse.Namespace) -> ScorePlan:
                          f"other featurizer versions than the model's ({mismatched}); run `popcast featurize` "
                          "with the model's featurizer settings first")
     staging = staging_dir(args.output, run_id)
-    input_path = storage.join(staging, "_input", "rows.parquet")
-    todo_with_needs = (todo.append_column(NEEDS_COLUMN, needs)
-                       .append_column(ROW_COLUMN, pa.array(np.arange(todo.num_rows, dtype=np.int64))))
-    # Whole rows only when some need featurizing; the join itself reads JOIN_COLUMNS.
-    publish.write_table(todo_with_needs if on_the_fly else todo_with_needs.select([*JOIN_COLUMNS, NEEDS_COLUMN]),
-                        input_path)
+    featurize_input = storage.join(staging, "_input", "featurize.parquet")
+    if on_the_fly:
+        has_needs = pc.greater(pc.list_value_length(needs), 0)
+        publish.write_table(todo.append_column(NEEDS_COLUMN, needs).filter(has_needs), featurize_input)
+    rows_input = storage.join(staging, "_input", "rows.parquet")
+    stage_rows_to_score(todo, rows_input)
     scored_schema = pa.schema(list(todo.schema) + [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS])
     history = None
     if "history" in model.featurizers:
-        history = stage_history_inputs(catalog, todo, args.history, args.features, model.featurizers["history"],
-                                       staging)
-    return ScorePlan(run_id=run_id, device=device, catalog=catalog, dates=dates, todo=todo, model=model,
+        history = stage_history_inputs(read_catalog(args.catalog), todo, args.history, args.features,
+                                       model.featurizers["history"], staging)
+    rows_per_shard = -(-todo.num_rows // args.shards) if args.shards else ROWS_PER_SHARD
+    sources = ShardSources(rows=rows_input, features={
+        m: (stored_feature_files(args.features, m, f), f) for m, f in stored.items()})
+    return ScorePlan(run_id=run_id, device=device, dates=dates, todo=todo, model=model,
                      featurize_config=config, specs=specs, on_the_fly=on_the_fly, staging=staging,
-                     input_path=input_path, scored_schema=scored_schema,
+                     featurize_input=featurize_input, sources=sources,
+                     shard_ranges=id_ranges(todo.column("video_id"), rows_per_shard),
+                     scored_schema=scored_schema,
                      staged_schema=publish.staged_prediction_schema(scored_schema, todo.schema),
-                     shards=args.shards or default_shards(todo.num_rows, model), history=history,
-                     warnings=warnings)
+                     history=history, warnings=warnings)
+
+
+def stage_rows_to_score(todo: pa.Table, uri: str) -> None:
+    """Write the join columns of the rows to score with their position in `todo`, sorted by video_id in
+    small row groups (a shard reads only its own), to `uri`."""
+    rows = (todo.select(["video_id", "publish_time"])
+            .append_column(ROW_COLUMN, pa.array(np.arange(todo.num_rows, dtype=np.int64))))
+    fs, path = storage.filesystem_and_path(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(rows.sort_by("video_id"), path, filesystem=fs, row_group_size=FEATURE_ROW_GROUP_ROWS)
+
+
+def stored_feature_files(features_dir: str, modality: str, featurizer: str) -> list[str]:
+    """The published files of `modality` written by `featurizer` (the version the model needs). Files of
+    other versions are left out unread, so a shard never reads vectors of another width."""
+    files = []
+    fs, _ = storage.filesystem_and_path(features_dir)
+    for path in parquet_files(storage.join(features_dir, modality)):
+        schema = pq.read_schema(path, filesystem=fs)
+        written_by = (schema.metadata or {}).get(b"popcast.featurizer", b"").decode()
+        if written_by and written_by != featurizer:
+            continue
+        if not is_sorted_by_id(schema):
+            log.warning("%s/%s/%s was written before sorted storage: every shard reads all of it; "
+                        "`popcast migrate-features --features %s` sorts it once", features_dir, modality,
+                        path.rsplit("/", 1)[-1], features_dir)
+        files.append(f"gs://{path}" if storage.scheme_of(features_dir) == "gs" else path)
+    return files
+
+
+def add_fresh_features(plan: ScorePlan) -> None:
+    """Sort what the inputs pipeline staged under _fresh/ by video_id and add it to the shards' sources."""
+    fs, _ = storage.filesystem_and_path(plan.staging)
+    for modality in [*plan.specs, "history"]:
+        staged = parquet_files(storage.join(plan.staging, "_fresh", modality))
+        if not staged:
+            continue
+        _, target = storage.filesystem_and_path(storage.join(plan.staging, "fresh", modality, "fresh.parquet"))
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if write_sorted(staged, target, fs):
+            uri = storage.join(plan.staging, "fresh", modality, "fresh.parquet")
+            files, featurizer = plan.sources.features.get(modality, ([], plan.model.featurizers[modality]))
+            plan.sources.features[modality] = ([*files, uri], featurizer)
 
 
 def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
-    """Run the score job; returns its summary. `test_pipeline` replaces the Beam pipeline in tests."""
+    """Run the score job; returns its summary. `test_pipeline` replaces the scoring Beam pipeline in tests."""
     args, beam_args = parse_known_args(argv)
     plan = plan_run(args)
     todo = plan.todo
-
-    def build(pipeline: beam.Pipeline) -> None:
-        build_pipeline(pipeline, input_path=plan.input_path, features_dir=args.features, staging=plan.staging,
-                       model_dir=args.model, model_featurizers=plan.model.featurizers,
-                       featurize_config=plan.featurize_config, specs=plan.specs, horizon_days=args.horizon_days,
-                       shards=plan.shards, run_id=plan.run_id, staged_schema=plan.staged_schema,
-                       needs_featurizing=plan.on_the_fly > 0, device=plan.device, history=plan.history)
-
     start = time.time()
-    counters = run_beam(build, args.profile, beam_args, test_pipeline) if todo.num_rows else {}
+    counters: dict[str, int] = {}
+    if plan.on_the_fly or (plan.history is not None and todo.num_rows):
+        counters = run_beam(lambda p: build_inputs_pipeline(p, plan), args.profile, beam_args)
+        add_fresh_features(plan)
+    if todo.num_rows:
+        scored = run_beam(lambda p: build_pipeline(p, plan, args.model, args.horizon_days), args.profile,
+                          beam_args, test_pipeline)
+        counters = {k: counters.get(k, 0) + scored.get(k, 0) for k in {*counters, *scored}}
     partitions = publish.publish_partitions(storage.join(plan.staging, "scored"), args.output, plan.dates,
                                             plan.run_id, plan.scored_schema, catalog=todo)
     errors = publish.publish_errors(plan.staging, args.output, plan.run_id)

@@ -1,5 +1,5 @@
-"""Beam pieces of the score job: sharded Arrow joins, per-row validation, and the RunInference handler
-that runs the fusion model on a whole joined shard at once (one model per worker process).
+"""Beam pieces of the score job: shards read straight from Parquet sorted by video_id, per-row validation, and
+the RunInference handler that runs the fusion model on a whole shard at once (one model per worker process).
 """
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from featurizers.core import storage
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES
-from featurizers.core.feature_table import feature_table_from_arrow
+from featurizers.core.feature_table import feature_table_from_arrow, id_range_filter
 from model.artifact import LoadedModel, load_model
 from pipelines.transforms import ERRORS_TAG, NAMESPACE, FeaturizeConfig, error_row, feature_specs
 
@@ -22,6 +25,8 @@ __all__ = [
     "CATALOG_SIDE",
     "PACKAGED_TEXT_MODELS",
     "JoinedShard",
+    "ShardSources",
+    "ReadShard",
     "ScoreHandler",
     "ValidateShard",
     "on_the_fly_config",
@@ -46,6 +51,51 @@ class JoinedShard:
         catalog = pa.concat_tables(catalogs, promote_options="permissive") if catalogs else None
         features = {m: pa.concat_tables(ts, promote_options="permissive") for m, ts in by_side.items()}
         return shard, (JoinedShard(catalog, features) if catalog is not None else None)
+
+
+@dataclass(frozen=True)
+class ShardSources:
+    """Where a shard's rows come from: the staged rows to score and, per modality, the Parquet files of its
+    features (stored, and made by this run) with the featurizer version the model needs. The files are
+    sorted by video_id (feature_table.write_sorted), so a shard reads only the row groups of its ids."""
+    rows: str
+    features: dict[str, tuple[list[str], str]]   # modality -> (files, name@version)
+
+
+class ReadShard(beam.DoFn):
+    """A video_id range [low, high) → (low, JoinedShard) of its rows to score and their feature rows.
+
+    Only the ranges travel through the runner; each worker reads its rows straight from Parquet (row groups
+    outside the range are skipped by their statistics), so no feature vector is ever shuffled and an
+    element holds one shard's rows at most.
+    """
+
+    def __init__(self, sources: ShardSources):
+        self._sources = sources
+        self._datasets: dict[str, ds.Dataset] = {}
+
+    def setup(self):
+        # Built once per worker: opening the datasets reads every file's footer.
+        self._rows = _dataset([self._sources.rows])
+        self._datasets = {m: _dataset(files) for m, (files, _) in self._sources.features.items() if files}
+        self._shards_read = Metrics.counter(NAMESPACE, "shards_read")
+
+    def process(self, id_range: tuple[str | None, str | None]) -> Iterable[tuple[str, JoinedShard]]:
+        in_range = id_range_filter(*id_range)
+        rows = self._rows.to_table(filter=in_range)
+        if rows.num_rows == 0:
+            return
+        features = {}
+        for modality, dataset in self._datasets.items():
+            same_version = pc.field("featurizer") == self._sources.features[modality][1]
+            features[modality] = dataset.to_table(filter=same_version if in_range is None else in_range & same_version)
+        self._shards_read.inc()
+        yield id_range[0] or "", JoinedShard(rows, features)
+
+
+def _dataset(uris: list[str]) -> ds.Dataset:
+    filesystem, _ = storage.filesystem_and_path(uris[0])
+    return ds.dataset([storage.filesystem_and_path(u)[1] for u in uris], filesystem=filesystem, format="parquet")
 
 
 class ValidateShard(beam.DoFn):

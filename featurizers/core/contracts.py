@@ -13,7 +13,7 @@ import pyarrow as pa
 __all__ = ["TARGETS", "Column", "UTC_TIMESTAMP", "CATALOG_COLUMNS", "CATALOG_SCHEMA", "REQUIRED_COLUMNS",
            "LABEL_COLUMNS", "SUPPORTED_URI_SCHEMES", "ERRORS_SCHEMA", "MODALITIES", "MEDIA_MODALITIES",
            "OPTIONAL_MODALITIES", "DEFAULT_FEATURIZE_MODALITIES", "MIN_AGE_DAYS", "MISSING_VECTOR",
-           "FEATURE_KEY_COLUMNS", "BUCKET_COLUMN", "FEATURE_BUCKETS",
+           "FEATURE_KEY_COLUMNS",
            "embedding_type", "FeatureSpec", "PREDICTION_COLUMNS", "markdown_table", "readme_contracts"]
 
 TARGETS: tuple[str, ...] = ("views", "likes", "comments", "shares")
@@ -76,10 +76,6 @@ DEFAULT_FEATURIZE_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITIES if m
 MIN_AGE_DAYS = 1.0 / 24.0
 FEATURE_KEY_COLUMNS = (pa.field("video_id", pa.string(), nullable=False),
                        pa.field("featurizer", pa.string(), nullable=False))  # "name@version"
-# Published feature files also carry the row's storage bucket (feature_table.bucket_of), sorted by it, so a
-# scoring worker reads only the row groups of the buckets it serves. Not a feature.
-BUCKET_COLUMN = "bucket"
-FEATURE_BUCKETS = 1024
 
 
 # A vector a row does not have (no audio stream, say) is stored as all-NaN, not as a null list:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping, Sequence
@@ -16,13 +17,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from featurizers.core import storage
-from featurizers.core.contracts import BUCKET_COLUMN, MEDIA_MODALITIES, MISSING_VECTOR, FeatureSpec
+from featurizers.core.contracts import MEDIA_MODALITIES, MISSING_VECTOR, FeatureSpec
 
 __all__ = ["NEEDS_COLUMN", "FeatureTable", "fixed_size_list_to_numpy", "numpy_to_fixed_size_list", "modality_path",
            "read_feature_table", "feature_table_from_arrow", "rows_to_table", "feature_table_to_arrow",
-           "parquet_files", "read_columns", "featurized_ids", "modalities_needed", "rows_needing_work"]
+           "parquet_files", "read_columns", "featurized_ids", "modalities_needed", "rows_needing_work",
+           "FEATURE_ROW_GROUP_ROWS", "is_sorted_by_id", "id_range_filter", "id_ranges", "write_sorted",
+           "sort_feature_files"]
 
 # The staged-catalog column that lists, per row, the modalities it still needs.
 NEEDS_COLUMN = "_needs"
@@ -89,7 +93,7 @@ def feature_table_from_arrow(table: pa.Table, modality: str, metadata: dict | No
     featurizer = metadata.get(b"popcast.featurizer", b"").decode()
     vectors, scalars = {}, {}
     for name in table.column_names:
-        if name in ("video_id", "featurizer", BUCKET_COLUMN):
+        if name in ("video_id", "featurizer"):
             continue
         col = table.column(name)
         if pa.types.is_fixed_size_list(col.type):
@@ -220,3 +224,113 @@ def rows_needing_work(catalog: pa.Table, done: Mapping[str, pa.Array], modalitie
     """The catalog rows that still lack some modality they can have, with a `_needs` list column naming which."""
     table = catalog.append_column(NEEDS_COLUMN, modalities_needed(catalog, done, modalities))
     return table.filter(pc.greater(pc.list_value_length(table.column(NEEDS_COLUMN)), 0))
+
+
+# ------------------------------------------------------------------------------------ sorted layout
+# Published feature files are sorted by video_id, written in small row groups and marked so in their schema
+# metadata. A reader that wants the rows of a video_id range then reads only the row groups whose
+# video_id statistics overlap it: the score job's shards are such ranges, so its workers read their own
+# rows straight from storage and no feature vector passes through a shuffle.
+FEATURE_ROW_GROUP_ROWS = 2048
+SORTED_BY_KEY = b"popcast.sorted_by"
+# Above this many bytes a file is sorted through temporary range files instead of in memory.
+IN_MEMORY_SORT_BYTES = 256 << 20
+
+
+def is_sorted_by_id(schema: pa.Schema) -> bool:
+    return (schema.metadata or {}).get(SORTED_BY_KEY) == b"video_id"
+
+
+def id_range_filter(low: str | None, high: str | None) -> pc.Expression | None:
+    """Rows with low <= video_id < high (None: unbounded); Parquet row groups outside are skipped unread."""
+    bounds = []
+    if low is not None:
+        bounds.append(pc.field("video_id") >= low)
+    if high is not None:
+        bounds.append(pc.field("video_id") < high)
+    if not bounds:
+        return None
+    return bounds[0] if len(bounds) == 1 else bounds[0] & bounds[1]
+
+
+def id_ranges(video_ids: pa.Array | pa.ChunkedArray, rows_per_range: int) -> list[tuple[str | None, str | None]]:
+    """Cut the sorted distinct `video_ids` into contiguous [low, high) ranges of about `rows_per_range` ids;
+    the first range is open below and the last open above, so together they cover every id."""
+    distinct = pc.unique(video_ids.combine_chunks() if isinstance(video_ids, pa.ChunkedArray) else video_ids)
+    distinct = pc.drop_null(distinct)
+    ordered = distinct.take(pc.sort_indices(distinct))
+    cuts = [ordered[i].as_py() for i in range(rows_per_range, len(ordered), rows_per_range)]
+    edges: list[str | None] = [None, *cuts, None]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def write_sorted(sources: list[str], destination: str, filesystem: pafs.FileSystem) -> int:
+    """Write the rows of the Parquet files `sources` as ONE file at `destination`, sorted by video_id, in
+    row groups of FEATURE_ROW_GROUP_ROWS, marked sorted. Returns the rows written (0: no file is written).
+
+    Memory is bounded: a large input is first split by video_id range into temporary files next to the
+    destination, each small enough to sort in memory, then appended in range order.
+    """
+    dataset = ds.dataset(sources, filesystem=filesystem, format="parquet")
+    rows = dataset.count_rows()
+    if rows == 0:
+        return 0
+    schema = dataset.schema.with_metadata({**(dataset.schema.metadata or {}), SORTED_BY_KEY: b"video_id"})
+    total_bytes = sum(filesystem.get_file_info(s).size or 0 for s in sources)
+    pieces = max(1, -(-total_bytes // IN_MEMORY_SORT_BYTES))
+    directory, name = destination.rsplit("/", 1)
+    partial = f"{directory}/_writing-{name}"
+    with pq.ParquetWriter(partial, schema, filesystem=filesystem, use_dictionary=["video_id", "featurizer"]) as writer:
+        if pieces == 1:
+            writer.write_table(dataset.to_table().sort_by("video_id").cast(schema), row_group_size=FEATURE_ROW_GROUP_ROWS)
+        else:
+            ids = dataset.to_table(columns=["video_id"]).column("video_id")
+            ranges = id_ranges(ids, -(-rows // pieces))
+            del ids
+            for piece in _split_by_id_range(dataset, ranges, directory, filesystem):
+                try:
+                    table = pq.read_table(piece, filesystem=filesystem).sort_by("video_id")
+                    writer.write_table(table.cast(schema), row_group_size=FEATURE_ROW_GROUP_ROWS)
+                finally:
+                    filesystem.delete_file(piece)
+    _replace(filesystem, partial, destination)
+    return rows
+
+
+def _split_by_id_range(dataset: ds.Dataset, ranges: list[tuple[str | None, str | None]], directory: str,
+                       filesystem: pafs.FileSystem) -> list[str]:
+    """Stream `dataset` into one temporary file per video_id range; returns them in range order."""
+    paths = [f"{directory}/_range-{i:05d}-{os.getpid()}.parquet" for i in range(len(ranges))]
+    for path, (low, high) in zip(paths, ranges):
+        wanted = id_range_filter(low, high)
+        with pq.ParquetWriter(path, dataset.schema, filesystem=filesystem) as writer:
+            for batch in dataset.to_batches(filter=wanted, batch_size=16_384):
+                writer.write_batch(batch)
+    return paths
+
+
+def _replace(filesystem: pafs.FileSystem, source: str, target: str) -> None:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        filesystem.move(source, target)   # atomic rename on one local filesystem
+    else:   # object stores: copy then delete; readers list only names without a leading _
+        filesystem.copy_file(source, target)
+        filesystem.delete_file(source)
+
+
+def sort_feature_files(features_dir: str) -> dict[str, int]:
+    """Rewrite every feature file under DIR/<modality>/ that is not sorted by video_id (files written before
+    sorted storage) as a sorted file of the same name; returns the files rewritten per modality. Idempotent;
+    unsorted files still read correctly, only slower (a score shard then reads all their row groups)."""
+    fs, root = storage.filesystem_and_path(features_dir)
+    rewritten: dict[str, int] = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or info.base_name.startswith(("_", ".")):
+            continue
+        for path in parquet_files(storage.join(features_dir, info.base_name)):
+            if is_sorted_by_id(pq.read_schema(path, filesystem=fs)):
+                continue
+            directory, name = path.rsplit("/", 1)
+            write_sorted([path], f"{directory}/_sorted-{name}", fs)
+            _replace(fs, f"{directory}/_sorted-{name}", path)
+            rewritten[info.base_name] = rewritten.get(info.base_name, 0) + 1
+    return rewritten
