@@ -8,7 +8,9 @@ dates shifted by a day per copy; meta features come from featurizers.meta.meta_f
 features are real bag-of-words and counts but SYNTHETIC unit-norm 384-d embeddings (featurizer
 "text_synthetic@1"): embedding 1M captions with MiniLM on 2 CPU cores is a separate cost, not scoring.
 Data and a small model (trained on the first 20k rows) are cached under --cache-dir, keyed by parameters.
-Prints a table and one JSON line per runner; the last line is the in_memory runner's.
+Both sides run in processes of their own (same start-up cost); peak_rss_mb is the popcast process and its
+worker processes together, sampled from /proc. Prints a table and one JSON line per runner (runner, rows,
+rows_per_s, baseline_rows_per_s, ratio, peak_rss_mb, rows_unaccounted, ...); the last is in_memory's.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
@@ -26,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from featurizers.core.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
@@ -34,7 +39,7 @@ from pipelines.catalog import read_catalog
 BASE_ROWS = 20_000          # rows drawn by generate_rows; larger catalogs are copies of them
 FEATURE_FILE_ROWS = 100_000  # feature tables are written in parts of this size (as a sharded write leaves)
 ROW_GROUP_ROWS = 20_000      # readers yield one table per row group: keeps 896-float text rows in ~70 MB pieces
-DATA_VERSION = "1"          # bump when the generated data changes, so old caches are not reused
+DATA_VERSION = "2"          # bump when the generated data changes, so old caches are not reused
 RUNNER_ARGS = {
     "in_memory": ["--runner", "DirectRunner", "--direct_running_mode", "in_memory"],
     "multi_processing": ["--runner", "DirectRunner", "--direct_running_mode", "multi_processing",
@@ -82,10 +87,16 @@ def base_text_features(base: pa.Table, seed: int) -> pa.Table:
 
 
 def write_parts(table: pa.Table, directory: str) -> None:
+    """Feature files as featurize publishes them: one file per FEATURE_FILE_ROWS rows (a run), each sorted
+    by video_id in small row groups (featurizers.core.feature_table.write_sorted)."""
+    from featurizers.core.feature_table import write_sorted
+
     os.makedirs(directory, exist_ok=True)
     for i, start in enumerate(range(0, table.num_rows, FEATURE_FILE_ROWS)):
-        pq.write_table(table.slice(start, FEATURE_FILE_ROWS), os.path.join(directory, f"part-{i:05d}.parquet"),
-                       use_dictionary=["video_id", "featurizer"], row_group_size=ROW_GROUP_ROWS)
+        unsorted = os.path.join(directory, f"_unsorted-{i:05d}.parquet")
+        pq.write_table(table.slice(start, FEATURE_FILE_ROWS), unsorted, row_group_size=ROW_GROUP_ROWS)
+        write_sorted([unsorted], os.path.join(directory, f"part-{i:05d}.parquet"), pafs.LocalFileSystem())
+        os.remove(unsorted)
 
 
 def build_dataset(root: str, rows: int, modalities: tuple[str, ...], seed: int) -> dict[str, str]:
@@ -193,12 +204,62 @@ def baseline_score(catalog_path: str, features_dir: str, model_dir: str, output:
 
 
 # ------------------------------------------------------------------------------------------- popcast
-def popcast_score(paths: dict[str, str], output: str, runner: str, extra: list[str]) -> tuple[float, object]:
-    from pipelines.score import run
+def popcast_score(paths: dict[str, str], output: str, runner: str, extra: list[str],
+                  torch_threads: int = 0) -> tuple[float, dict, float]:
+    """`popcast score` in a process of its own: (seconds, run summary, peak RSS in MB of that process and
+    its worker processes together, sampled every 50 ms)."""
+    command = [sys.executable, "-m", "pipelines.score", "--catalog", paths["catalog"], "--features",
+               paths["features"], "--model", paths["model"], "--output", output, "--run-id", "bench",
+               *RUNNER_ARGS[runner], *extra]
+    seconds, peak_mb, code = run_measured(command, torch_threads)
+    if code not in (0, 3):
+        raise RuntimeError(f"{runner}: popcast score exited {code}: {' '.join(command)}")
+    with open(os.path.join(output, "_runs", "bench.json")) as f:
+        return seconds, json.load(f), peak_mb
+
+
+def baseline_in_process_of_its_own(paths: dict[str, str], output: str, torch_threads: int) -> tuple[float, float, int]:
+    """The baseline script in a fresh process too, so both sides pay the same start-up (imports)."""
+    code = ("import sys; from bench.score import baseline_score; "
+            f"print(baseline_score({paths['catalog']!r}, {paths['features']!r}, {paths['model']!r}, {output!r}))")
+    seconds, peak_mb, status = run_measured([sys.executable, "-c", code], torch_threads, capture=True)
+    if status.returncode != 0:
+        raise RuntimeError(f"baseline failed: {status.stderr[-2000:]}")
+    return seconds, peak_mb, int(status.stdout.strip().splitlines()[-1])
+
+
+def run_measured(command: list[str], torch_threads: int = 0, capture: bool = False):
+    """Run `command`; (seconds, peak RSS in MB of it and its children together, sampled every 50 ms, and its
+    exit code — or the CompletedProcess-like result with output when `capture`)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(torch_threads)} if torch_threads else {}))
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
     started = time.time()
-    summary = run(["--catalog", paths["catalog"], "--features", paths["features"], "--model", paths["model"],
-                   "--output", output, *RUNNER_ARGS[runner], *extra])
-    return time.time() - started, summary
+    process = subprocess.Popen(command, stdout=out, stderr=out, env=env, text=True)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, tree_rss_bytes(process.pid))
+        time.sleep(0.05)
+    seconds = time.time() - started
+    if capture:
+        stdout, stderr = process.communicate()
+        return seconds, peak / 2**20, subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return seconds, peak / 2**20, process.returncode
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc), 0 once it is gone."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
 
 
 def machine() -> str:
@@ -236,28 +297,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     paths = build_dataset(os.path.join(args.cache_dir, key), args.rows, modalities, args.seed)
     work = tempfile.mkdtemp(prefix="popcast-bench-score-out-")
     baseline_s: list[float] = []
+    baseline_peak: list[float] = []
     results: dict[str, list[float]] = {r: [] for r in args.runners.split(",")}
     internal: dict[str, list[float]] = {r: [] for r in results}
+    peaks: dict[str, list[float]] = {r: [] for r in results}
+    unaccounted: dict[str, int] = {r: 0 for r in results}
     try:
         for repeat in range(args.repeats):
             if not args.no_baseline:
                 out = os.path.join(work, f"baseline-{repeat}")
-                started = time.time()
-                written = baseline_score(paths["catalog"], paths["features"], paths["model"], out)
-                baseline_s.append(time.time() - started)
+                seconds, peak_mb, written = baseline_in_process_of_its_own(paths, out, args.torch_threads)
+                baseline_s.append(seconds)
+                baseline_peak.append(peak_mb)
                 assert written == args.rows, f"baseline wrote {written} of {args.rows} rows"
-                print(f"baseline run {repeat}: {baseline_s[-1]:.1f} s", flush=True)
+                print(f"baseline run {repeat}: {seconds:.1f} s, peak {peak_mb:,.0f} MB", flush=True)
                 shutil.rmtree(out)
             for runner in results:
                 out = os.path.join(work, f"{runner}-{repeat}")
-                seconds, summary = popcast_score(paths, out, runner, args.score_args.split())
-                if summary.rows_scored != args.rows or summary.rows_unaccounted:
-                    raise RuntimeError(f"{runner}: scored {summary.rows_scored} of {args.rows} rows "
-                                       f"({summary.rows_unaccounted} unaccounted)")
+                seconds, summary, peak_mb = popcast_score(paths, out, runner, args.score_args.split(),
+                                                          args.torch_threads)
+                if summary["rows_scored"] != args.rows or summary["rows_unaccounted"]:
+                    print(f"{runner}: scored {summary['rows_scored']} of {args.rows} rows "
+                          f"({summary['rows_unaccounted']} unaccounted)", flush=True)
                 results[runner].append(seconds)
-                internal[runner].append(summary.seconds)
+                internal[runner].append(summary["seconds"])
+                peaks[runner].append(peak_mb)
+                unaccounted[runner] = max(unaccounted[runner], args.rows - summary["rows_scored"],
+                                          summary["rows_unaccounted"])
                 print(f"{runner} run {repeat}: {seconds:.1f} s end to end "
-                      f"({summary.seconds:.1f} s from pipeline start to published)", flush=True)
+                      f"({summary['seconds']:.1f} s from pipeline start to published), peak {peak_mb:,.0f} MB",
+                      flush=True)
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -272,14 +341,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ratio = rps / base_rps if base_rps else None
         print(f"{'popcast ' + runner:<28}{statistics.median(seconds):>10.1f}{rps:>12,.0f}"
               f"{ratio if ratio is not None else float('nan'):>13.2f}")
-        lines.append({"rows": rows, "modalities": ",".join(modalities), "rows_per_s": round(rps),
+        lines.append({"runner": runner, "rows": rows, "modalities": ",".join(modalities), "rows_per_s": round(rps),
                       "pipeline_rows_per_s": round(rows / statistics.median(internal[runner])),
                       "baseline_rows_per_s": round(base_rps) if base_rps else None,
-                      "ratio": round(ratio, 3) if ratio is not None else None, "runner": f"DirectRunner {runner}",
+                      "ratio": round(ratio, 3) if ratio is not None else None,
+                      "peak_rss_mb": round(max(peaks[runner])), "rows_unaccounted": unaccounted[runner],
+                      "baseline_peak_rss_mb": round(max(baseline_peak)) if baseline_peak else None,
                       "repeats": len(seconds), "torch_threads": args.torch_threads or "default",
                       "machine": machine(), "load_avg_1m": round(os.getloadavg()[0], 1),
                       "date": date.today().isoformat()})
-    lines.sort(key=lambda line: line["runner"] != "DirectRunner multi_processing")  # in_memory last
+    lines.sort(key=lambda line: line["runner"] != "multi_processing")  # in_memory last
     for line in lines:
         print(json.dumps(line))
     return lines
