@@ -16,7 +16,11 @@ from typing import Callable
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
+from apache_beam.runners.runner import PipelineRunner
 
 from featurizers.core.storage import join
 from featurizers.visual import resolve_device as torch_device
@@ -26,7 +30,8 @@ from pipelines.profiles import PROFILES, expand
 from pipelines.transforms import popcast_counters
 
 __all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_USAGE", "EXIT_ROWS_UNACCOUNTED", "JobSummary", "add_job_arguments",
-           "new_run_id", "resolve_device", "staging_dir", "run_beam", "errors_by_reason", "finish", "job_main"]
+           "new_run_id", "resolve_device", "staging_dir", "run_beam", "direct_runner_without_prism",
+           "errors_by_reason", "finish", "job_main"]
 
 # Exit codes of `popcast featurize` and `popcast score` (documented in the README).
 EXIT_OK = 0
@@ -68,11 +73,29 @@ def run_beam(build: Callable[[beam.Pipeline], None], profile: str | None, beam_a
              test_pipeline: beam.Pipeline | None = None) -> dict[str, int]:
     """Build the graph with `build(pipeline)`, run it to the end on the profile's runner and return the
     popcast counters. `test_pipeline` replaces the pipeline in tests."""
-    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(expand(profile, beam_args)))
+    if test_pipeline is None:
+        options = PipelineOptions(expand(profile, beam_args))
+        test_pipeline = beam.Pipeline(runner=direct_runner_without_prism(options), options=options)
+    pipeline = test_pipeline
     build(pipeline)
     result = pipeline.run()
     result.wait_until_finish()
     return popcast_counters(result)
+
+
+def direct_runner_without_prism(options: PipelineOptions) -> PipelineRunner | None:
+    """For --runner=DirectRunner (or none), the DirectRunner's in-process engine itself (FnApiRunner, which
+    honours --direct_running_mode and --direct_num_workers); None for any other runner.
+
+    Beam's DirectRunner first tries the Prism runner, downloading its binary from GitHub: offline that
+    fails and falls back, online the job would silently run on another runner. popcast never does either.
+    """
+    runner = options.view_as(StandardOptions).runner
+    if runner not in (None, "DirectRunner", "direct", "SwitchingDirectRunner"):
+        return None
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
 def errors_by_reason(errors: pa.Table) -> dict[str, int]:

@@ -1,4 +1,6 @@
 """Runner profiles expand to Beam flags; flags given explicitly win."""
+import logging
+
 import pytest
 
 from pipelines.profiles import PROFILES, expand
@@ -25,3 +27,22 @@ def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown profile"):
         expand("dask", [])
     assert {"direct", "local", "portable", "spark", "flink", "dataflow"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("flags", [[], ["--runner=DirectRunner"],
+                                   ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]])
+def test_the_direct_runner_never_tries_prism(flags, caplog):
+    # Beam's DirectRunner tries the Prism runner first (downloading it from GitHub); popcast's jobs run the
+    # DirectRunner's own engine, whatever the direct flags, and the result is still computed.
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.job import run_beam
+
+    def build(pipeline):
+        counted = pipeline | beam.Create(["a", "b", "a"]) | beam.combiners.Count.PerElement()
+        assert_that(counted, equal_to([("a", 2), ("b", 1)]))
+
+    with caplog.at_level(logging.DEBUG):
+        run_beam(build, "direct" if not flags else None, flags)
+    assert not [r for r in caplog.records if "prism" in r.getMessage().lower()]
