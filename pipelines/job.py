@@ -6,22 +6,26 @@ featurize.py and score.py are written on this scaffold, so both jobs behave the 
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import logging
+import os
 import sys
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Callable
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
 
+from featurizers.core import storage
 from featurizers.core.storage import join
 from featurizers.visual import resolve_device as torch_device
 from pipelines import publish
@@ -29,27 +33,201 @@ from pipelines.catalog import CatalogError
 from pipelines.profiles import PROFILES, expand
 from pipelines.transforms import popcast_counters
 
-__all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_USAGE", "EXIT_ROWS_UNACCOUNTED", "JobSummary", "add_job_arguments",
-           "new_run_id", "resolve_device", "staging_dir", "run_beam", "direct_runner_without_prism",
-           "errors_by_reason", "finish", "job_main"]
+__all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_USAGE", "EXIT_ROWS_UNACCOUNTED", "EXIT_TOO_MANY_ERRORS",
+           "DEFAULT_MAX_ERROR_FRACTION", "StrictArgumentParser", "JobArgumentParser", "beam_option_names",
+           "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction", "open_fraction",
+           "iso_date", "utc_instant", "device_name", "check_input_path", "check_output_dir", "debugging",
+           "user_message", "JobSummary", "add_job_arguments", "new_run_id", "resolve_device", "staging_dir",
+           "run_beam", "direct_runner_without_prism", "errors_by_reason", "finish", "job_main"]
 
 # Exit codes of `popcast featurize` and `popcast score` (documented in the README).
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1          # the catalog, a path or a value is wrong: the message says which
 EXIT_USAGE = 2              # argparse's code for a bad command line
 EXIT_ROWS_UNACCOUNTED = 3   # some input rows ended neither in the output nor as dead letters
+EXIT_TOO_MANY_ERRORS = 4    # more than --max-error-fraction of the rows ended as dead letters (the rest published)
+# Default of --max-error-fraction: a nightly run where more than 1 row in 20 fails is worth a page, not a
+# silent success; a few broken videos in a large catalog are not.
+DEFAULT_MAX_ERROR_FRACTION = 0.05
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (CatalogError, ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (CatalogError, ValueError, FileNotFoundError, PermissionError)
+DEBUG_ENV = "POPCAST_DEBUG"   # =1: user errors show their traceback too
+
+BEAM_OPTIONS_EPILOG = ("Flags not listed here are Beam pipeline options and pass through to the runner "
+                       "(--runner, --direct_running_mode, --direct_num_workers, --temp_location, ...); a flag "
+                       "that is neither is refused. --profile NAME expands to a runner profile first; explicit "
+                       "Beam flags win.")
+
+
+class StrictArgumentParser(argparse.ArgumentParser):
+    """popcast's argument parser: no abbreviated flags (a typo must not silently become another flag),
+    defaults shown in --help, and a usage error is one line naming the flag (exit EXIT_USAGE)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class JobArgumentParser(StrictArgumentParser):
+    """The argument parser of a Beam job: popcast's flags, and Beam options passing through."""
+
+    def __init__(self, **kwargs):
+        super().__init__(epilog=BEAM_OPTIONS_EPILOG, **kwargs)
+
+    def parse_job_args(self, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+        """(popcast's flags, Beam's flags); anything that is neither ends the command with a usage error."""
+        args, rest = self.parse_known_args(argv)
+        known = beam_option_names()
+        for arg in rest:
+            if not arg.startswith("-"):
+                continue   # a value of the Beam flag before it
+            name = arg.split("=", 1)[0]
+            if name not in known:
+                ours = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+                close = difflib.get_close_matches(name, ours + sorted(known), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else " (see --help)"
+                self.error(f"unknown flag {name}: neither a popcast flag nor a Beam pipeline option{hint}")
+        return args, rest
+
+
+@functools.lru_cache(maxsize=1)
+def beam_option_names() -> frozenset[str]:
+    """Every flag some Beam PipelineOptions class defines (--runner, --temp_location, ...)."""
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    pending = list(PipelineOptions.__subclasses__())
+    seen: set[type] = set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        pending += cls.__subclasses__()
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:   # a flag two option classes both define
+            continue
+    return frozenset(o for action in parser._actions for o in action.option_strings)
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every Beam job takes, besides the Beam pipeline options that pass through."""
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available on the driver)")
-    parser.add_argument("--profile", default=None,
-                        help=f"runner profile: {', '.join(PROFILES)} (default direct; Beam flags given "
-                             "explicitly win)")
-    parser.add_argument("--run-id", default=None, help="run id (default: UTC time + random suffix)")
+    parser.add_argument("--device", default="cpu", type=device_name,
+                        help="cpu, cuda, cuda:N or auto (cuda when available on the driver)")
+    parser.add_argument("--profile", default=None, choices=list(PROFILES),
+                        help="runner profile (none given: direct, the in-process DirectRunner)")
+    parser.add_argument("--run-id", default=None, type=run_id_text, help="run id (default: UTC time + random suffix)")
+    parser.add_argument("--max-error-fraction", type=fraction, default=DEFAULT_MAX_ERROR_FRACTION, metavar="F",
+                        help="when more than this fraction of the rows worked on end as dead letters, the run still "
+                             f"publishes what succeeded and prints its summary, then exits {EXIT_TOO_MANY_ERRORS}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a user error too (or set {DEBUG_ENV}=1)")
+
+
+# ---------------------------------------------------------------- argparse types: a bad value is a usage error
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date as YYYY-MM-DD, got {text!r}") from None
+
+
+def utc_instant(text: str) -> datetime:
+    """ISO date or date-time; naive values are UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an ISO date or date-time (2025-03-15T10:00), got {text!r}") \
+            from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def device_name(text: str) -> str:
+    if text in ("cpu", "cuda", "auto") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or auto, got {text!r}")
+
+
+def run_id_text(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "-_." for c in text) or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"letters, digits, '-', '_' and '.' only (it names files), got {text!r}")
+    return text
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+
+
+def check_input_path(parser: argparse.ArgumentParser, flag: str, uri: str) -> None:
+    """A local input that does not exist is a usage error naming the flag (object stores are checked
+    when read)."""
+    if storage.scheme_of(uri) in ("", "file") and not any(c in uri for c in "*?["):
+        if not os.path.exists(storage.local_path(uri)):
+            parser.error(f"{flag} {uri}: no such file or directory")
+
+
+def check_output_dir(parser: argparse.ArgumentParser, flag: str, uri: str) -> None:
+    """A local output directory must be creatable and writable before any work starts."""
+    if storage.scheme_of(uri) not in ("", "file"):
+        return
+    path = storage.local_path(uri)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".popcast-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        parser.error(f"{flag} {uri}: cannot write there ({err.strerror or err})")
 
 
 def new_run_id() -> str:
@@ -106,18 +284,39 @@ def errors_by_reason(errors: pa.Table) -> dict[str, int]:
 
 @dataclass
 class JobSummary:
-    """The fields every job's run summary has; each job adds its own and its `lines()`."""
+    """The fields every job's run summary has; each job adds its own and its `lines()`.
+
+    rows_worked: the rows the job tried (featurize: those needing work); rows_dead_lettered: distinct
+    video_ids among them that ended as dead letters.
+    """
     run_id: str
     rows_in: int
     errors_by_reason: dict[str, int]
     rows_unaccounted: int
     seconds: float
+    rows_worked: int
+    rows_dead_lettered: int
+    max_error_fraction: float
 
     def lines(self) -> list[str]:
         raise NotImplementedError
 
     def exit_code(self) -> int:
-        return EXIT_OK if self.rows_unaccounted == 0 else EXIT_ROWS_UNACCOUNTED
+        if self.rows_unaccounted:
+            return EXIT_ROWS_UNACCOUNTED
+        if self.rows_dead_lettered > self.max_error_fraction * self.rows_worked:
+            return EXIT_TOO_MANY_ERRORS
+        return EXIT_OK
+
+    def verdict_lines(self) -> list[str]:
+        """What the exit code means, when it is not 0."""
+        if self.exit_code() == EXIT_TOO_MANY_ERRORS:
+            return [f"  too many errors: {self.rows_dead_lettered} of {self.rows_worked} rows are dead letters "
+                    f"(--max-error-fraction {self.max_error_fraction:g}); what succeeded is published; "
+                    f"exit {EXIT_TOO_MANY_ERRORS}"]
+        if self.exit_code() == EXIT_ROWS_UNACCOUNTED:
+            return [f"  {self.rows_unaccounted} rows are unaccounted for; exit {EXIT_ROWS_UNACCOUNTED}"]
+        return []
 
     def error_line(self) -> str:
         errors = ", ".join(f"{r} {n}" for r, n in sorted(self.errors_by_reason.items())) or "none"
@@ -133,11 +332,26 @@ def finish(summary: JobSummary, output: str, staging: str) -> None:
 
 
 def job_main(run: Callable[[list[str] | None], JobSummary], argv: list[str] | None = None) -> int:
-    """Run a job as a command: a user error is one line on stderr and EXIT_BAD_INPUT, never a traceback."""
+    """Run a job as a command: a user error is one line on stderr and EXIT_BAD_INPUT, never a traceback
+    (unless --debug or POPCAST_DEBUG=1)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = run(argv)
     except USER_ERRORS as err:
-        print(str(err), file=sys.stderr)
+        if debugging(argv):
+            raise
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return summary.exit_code()
+
+
+def debugging(argv: list[str] | None) -> bool:
+    return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def user_message(err: BaseException) -> str:
+    """One line for a user error: the message, or the class and the file for errors that lack one."""
+    if isinstance(err, (FileNotFoundError, PermissionError)) and err.filename:
+        return f"{err.strerror or type(err).__name__}: {err.filename}"
+    text = str(err).strip() or type(err).__name__
+    return text if isinstance(err, CatalogError) else " ".join(text.split())

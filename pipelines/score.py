@@ -47,12 +47,18 @@ from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, stage_history_inputs
 from pipelines.iceberg_sink import overwrite_partitions
 from pipelines.job import (
+    JobArgumentParser,
     JobSummary,
     add_job_arguments,
+    check_input_path,
+    check_output_dir,
     errors_by_reason,
     finish,
+    iso_date,
     job_main,
     new_run_id,
+    non_negative_int,
+    positive_float,
     resolve_device,
     run_beam,
     staging_dir,
@@ -74,16 +80,17 @@ ROWS_PER_SHARD = 16_384
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="popcast score", description=__doc__.split("\n\n")[0])
+    parser = JobArgumentParser(prog="popcast score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", required=True, help="catalog to score (Parquet/CSV/JSONL, local or gs://)")
     parser.add_argument("--features", required=True, help="features directory written by `popcast featurize`")
     parser.add_argument("--model", required=True, help="model directory written by `popcast train`")
     parser.add_argument("--output", required=True, help="scored table root (local or gs://): TABLE/dt=YYYY-MM-DD/")
-    parser.add_argument("--date", default=None, help="score rows published on this UTC date")
-    parser.add_argument("--start", default=None, help="first date of a backfill (inclusive)")
-    parser.add_argument("--end", default=None, help="last date of a backfill (inclusive)")
-    parser.add_argument("--horizon-days", type=float, default=7.0, help="age at which counts are predicted")
-    parser.add_argument("--shards", type=int, default=0,
+    parser.add_argument("--date", default=None, type=iso_date, help="score rows published on this UTC date")
+    parser.add_argument("--start", default=None, type=iso_date, help="first date of a backfill (inclusive)")
+    parser.add_argument("--end", default=None, type=iso_date, help="last date of a backfill (inclusive)")
+    parser.add_argument("--horizon-days", type=positive_float, default=7.0,
+                        help="age (days since publication) at which counts are predicted")
+    parser.add_argument("--shards", type=non_negative_int, default=0,
                         help=f"split the rows into about this many shards (default: {ROWS_PER_SHARD:,} rows each)")
     parser.add_argument("--iceberg", default=None,
                         help="also overwrite partitions of an Iceberg table: CATALOG_URI#namespace.table "
@@ -92,22 +99,28 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
                         help="extra history source for creator-history features: an earlier labelled catalog or "
                              "scored table (the labelled rows of --catalog are always used)")
     add_job_arguments(parser)
-    return parser.parse_known_args(argv)
+    args, beam_args = parser.parse_job_args(argv)
+    if args.date and (args.start or args.end):
+        parser.error("give --date or --start/--end, not both")
+    if bool(args.start) != bool(args.end):
+        parser.error("a backfill needs both --start and --end")
+    if args.start and args.end < args.start:
+        parser.error(f"--end {args.end} is before --start {args.start}")
+    for flag, path in (("--catalog", args.catalog), ("--features", args.features), ("--model", args.model),
+                       ("--history", args.history)):
+        if path:
+            check_input_path(parser, flag, path)
+    check_output_dir(parser, "--output", args.output)
+    return args, beam_args
 
 
 def selected_dates(args: argparse.Namespace, catalog: pa.Table) -> list[date]:
-    """The dates whose partitions this run owns: --date, --start..--end, or every date in the catalog."""
-    if args.date and (args.start or args.end):
-        raise ValueError("give --date or --start/--end, not both")
+    """The dates whose partitions this run owns: --date, --start..--end, or every date in the catalog (the
+    flags are checked when parsed)."""
     if args.date:
-        return [date.fromisoformat(args.date)]
-    if args.start or args.end:
-        if not (args.start and args.end):
-            raise ValueError("a backfill needs both --start and --end")
-        first, last = date.fromisoformat(args.start), date.fromisoformat(args.end)
-        if last < first:
-            raise ValueError(f"--end {last} is before --start {first}")
-        return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+        return [args.date]
+    if args.start:
+        return [args.start + timedelta(days=i) for i in range((args.end - args.start).days + 1)]
     days = pc.unique(pc.cast(catalog.column("publish_time"), pa.date32())).to_pylist()
     return sorted(d for d in days if d is not None)
 
@@ -133,7 +146,8 @@ class ScoreSummary(JobSummary):
                 f"({self.rows_per_s:,.0f} rows/s)",
                 f"  partitions: {parts or 'none'}",
                 self.error_line(),
-                f"  rows unaccounted for: {self.rows_unaccounted}"] + [f"  warning: {w}" for w in self.warnings]
+                f"  rows unaccounted for: {self.rows_unaccounted}"] + [f"  warning: {w}" for w in self.warnings] \
+            + self.verdict_lines()
 
 
 def horizon_warnings(horizon_days: float, trained_age_days: tuple[float, float] | None) -> list[str]:
@@ -343,6 +357,9 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
         rows_featurized_on_the_fly=plan.on_the_fly, partitions={str(d): n for d, n in partitions.items()},
         errors_by_reason=errors_by_reason(errors),
         rows_unaccounted=unaccounted_rows(todo, args.output, plan.dates, errors),
+        rows_worked=todo.num_rows, max_error_fraction=args.max_error_fraction,
+        rows_dead_lettered=pc.count_distinct(pc.filter(errors.column("video_id"), pc.is_in(
+            errors.column("video_id"), todo.column("video_id"))), mode="all").as_py(),
         seconds=seconds, rows_per_s=todo.num_rows / seconds if seconds > 0 else 0.0, counters=counters,
         warnings=plan.warnings)
     finish(summary, args.output, plan.staging)

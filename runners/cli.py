@@ -5,6 +5,7 @@ Flags a subcommand does not know are Beam pipeline options and pass through to t
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -100,9 +101,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"unknown command {command!r}; run `popcast --help`", file=sys.stderr)
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"popcast: unknown command {command!r}; {hint}run `popcast --help`", file=sys.stderr)
         return 2
-    return COMMANDS[command][0](rest) or 0
+    try:
+        return COMMANDS[command][0](rest) or 0
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
+        # A user error (a bad catalog, path or value) is one line naming it; --debug / POPCAST_DEBUG=1 show
+        # the traceback. Anything else is a bug and keeps its traceback.
+        from pipelines.job import debugging, user_message
+        if debugging(rest):
+            raise
+        print(f"popcast {command}: error: {user_message(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"popcast {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

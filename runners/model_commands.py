@@ -6,6 +6,16 @@ import inspect
 import json
 import logging
 
+from pipelines.featurize import modality_list
+from pipelines.job import (
+    StrictArgumentParser,
+    check_input_path,
+    check_output_dir,
+    device_name,
+    non_negative_int,
+    open_fraction,
+)
+
 __all__ = ["train_parser", "train_main", "evaluate_parser", "evaluate_main"]
 
 
@@ -14,31 +24,39 @@ def train_parser() -> argparse.ArgumentParser:
     from model.train import TrainingConfig, train
     defaults = {name: param.default for name, param in inspect.signature(train).parameters.items()}
     training = TrainingConfig()
-    p = argparse.ArgumentParser(prog="popcast train", description="Train the fusion model on stored features.")
+    p = StrictArgumentParser(prog="popcast train", description="Train the fusion model on stored features.")
     p.add_argument("--catalog", required=True, help="catalog (Parquet/CSV/JSONL, local or gs://)")
     p.add_argument("--features", required=True, help="features directory (DIR/<modality>/*.parquet)")
     p.add_argument("--output", required=True, help="MODEL_DIR to write")
-    p.add_argument("--split-quantile", type=float, default=defaults["split_quantile"],
-                   help="rows with publish_time ≥ this quantile are the test set (default %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults["seed"],
-                   help="random seed (runs are deterministic per seed; default %(default)s)")
+    p.add_argument("--split-quantile", type=open_fraction, default=defaults["split_quantile"],
+                   help="rows with publish_time ≥ this quantile are the test set")
+    p.add_argument("--seed", type=non_negative_int, default=defaults["seed"],
+                   help="random seed (runs are deterministic per seed)")
     p.add_argument("--init-from", default=defaults["init_from"], help="warm-start from an earlier MODEL_DIR")
     p.add_argument("--freeze", default="", help="comma-separated branches to freeze with --init-from "
                                                 "(modality names, trunk, head)")
-    p.add_argument("--device", default=defaults["device"],
-                   help="cpu or cuda (bf16 autocast on CUDA; default %(default)s)")
-    p.add_argument("--epochs", type=int, default=training.epochs,
-                   help="maximum epochs per ensemble member (default %(default)s)")
-    p.add_argument("--ensemble", type=int, default=training.ensemble_size,
-                   help="number of ensemble members (default %(default)s)")
-    p.add_argument("--modalities", default="", help="comma-separated subset of modalities to use (default: all)")
+    p.add_argument("--device", default=defaults["device"], type=device_name,
+                   help="cpu, cuda or cuda:N (bf16 autocast on CUDA)")
+    p.add_argument("--epochs", type=non_negative_int, default=training.epochs,
+                   help="maximum epochs per ensemble member (0: the default)")
+    p.add_argument("--ensemble", type=non_negative_int, default=training.ensemble_size,
+                   help="number of ensemble members (0: the default)")
+    p.add_argument("--modalities", default=None, type=modality_list,
+                   help="comma-separated subset of modalities to use (default: every modality with features "
+                        "under --features)")
     return p
 
 
 def train_main(argv: list[str] | None = None) -> dict:
     from model.train import TrainingConfig, train
     from pipelines.catalog import read_catalog
-    args = train_parser().parse_args(argv)
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    check_input_path(parser, "--catalog", args.catalog)
+    check_input_path(parser, "--features", args.features)
+    if args.init_from:
+        check_input_path(parser, "--init-from", args.init_from)
+    check_output_dir(parser, "--output", args.output)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     # 0 has always meant "the default" here, not "no training".
     overrides = {"epochs": args.epochs, "ensemble_size": args.ensemble}
@@ -46,7 +64,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     result = train(read_catalog(args.catalog), args.features, args.output, split_quantile=args.split_quantile,
                    seed=args.seed, init_from=args.init_from, freeze=tuple(x for x in args.freeze.split(",") if x),
                    device=args.device, training=training,
-                   modalities=tuple(x for x in args.modalities.split(",") if x) or None)
+                   modalities=args.modalities)
     print(json.dumps({"model_version": result["model_version"], "test": {
         k: {t: v[t]["mae_log1p"] for t in ("views", "likes", "comments", "shares")}
         for k, v in result["test"].items() if isinstance(v, dict) and "views" in v}}))
@@ -54,7 +72,7 @@ def train_main(argv: list[str] | None = None) -> dict:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="popcast evaluate", description="HTML evaluation report of a trained model.")
+    p = StrictArgumentParser(prog="popcast evaluate", description="HTML evaluation report of a trained model.")
     p.add_argument("--catalog", required=True, help="the catalog the model was trained on")
     p.add_argument("--features", required=True, help="features directory")
     p.add_argument("--model", required=True, help="MODEL_DIR")
@@ -65,7 +83,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv: list[str] | None = None) -> dict:
     from model.report import evaluate
     from pipelines.catalog import read_catalog
-    args = evaluate_parser().parse_args(argv)
+    parser = evaluate_parser()
+    args = parser.parse_args(argv)
+    for flag, path in (("--catalog", args.catalog), ("--features", args.features), ("--model", args.model)):
+        check_input_path(parser, flag, path)
+    check_output_dir(parser, "--output", args.output)
     report = evaluate(read_catalog(args.catalog), args.features, args.model, args.output)
     print(f"wrote {args.output}/index.html")
     return report

@@ -1,0 +1,100 @@
+"""Ordinary user mistakes end with one clear line naming what is wrong and a documented exit code, never a
+traceback; flags that are neither popcast's nor Beam's are refused; dead letters over the threshold exit 4."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featurizers.core.contracts import CATALOG_SCHEMA
+from pipelines.job import EXIT_TOO_MANY_ERRORS, EXIT_USAGE
+from runners.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mistakes")
+    now = datetime(2025, 5, 1, tzinfo=timezone.utc)
+    rows = [{"video_id": f"v{i}", "publish_time": now, "title": f"caption {i}", "views": 10 * i,
+             "observed_at": now, "video_uri": str(root / f"missing-{i}.mp4") if i % 2 else None}
+            for i in range(4)]
+    catalog = root / "catalog.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), catalog)
+    return {"root": root, "catalog": str(catalog)}
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["featurize", "--output", "{root}/f", "--catalog", "{root}/nope.parquet"], "--catalog"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--modality", "meta"], "did you mean --modalities"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--modalities", "meta,sound"], "sound"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--frames", "0"], "--frames"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--max-bytes", "lots"], "--max-bytes"),
+    (["featurize", "--catalog", "{catalog}", "--output", "/proc/popcast-cannot-write", "--modalities", "meta"],
+     "--output"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--profile", "sprak"], "--profile"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--runer=DirectRunner"], "did you mean --runner"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--device", "gpu"], "--device"),
+    (["score", "--catalog", "{catalog}", "--features", "{root}", "--model", "{root}", "--output", "{root}/s",
+      "--horizon-days", "-5"], "--horizon-days"),
+    (["score", "--catalog", "{catalog}", "--features", "{root}", "--model", "{root}", "--output", "{root}/s",
+      "--date", "2025-13-01"], "--date"),
+    (["score", "--catalog", "{catalog}", "--features", "{root}", "--model", "{root}", "--output", "{root}/s",
+      "--start", "2025-05-02", "--end", "2025-05-01"], "--end"),
+    (["score", "--catalog", "{catalog}", "--features", "{root}", "--model", "{root}/no-model", "--output",
+      "{root}/s"], "--model"),
+    (["train", "--catalog", "{catalog}", "--features", "{root}", "--output", "{root}/m", "--split-quantile", "1.5"],
+     "--split-quantile"),
+    (["train", "--catalog", "{catalog}", "--features", "{root}/none", "--output", "{root}/m"], "--features"),
+    (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--max-error-fraction", "2"],
+     "--max-error-fraction"),
+])
+def test_a_usage_mistake_is_one_line_naming_it(files, capsys, argv, names):
+    err = usage_error([a.format(**files) for a in argv], capsys)
+    assert names in err
+
+
+def test_an_unknown_command_suggests_the_closest(capsys):
+    assert main(["scroe"]) == EXIT_USAGE
+    assert "did you mean score" in capsys.readouterr().err
+
+
+def test_help_says_beam_options_pass_through_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["featurize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Beam pipeline options" in out and "(default: 16)" in out
+
+
+def test_bad_input_data_is_exit_1_without_traceback(files):
+    not_a_catalog = files["root"] / "notes.csv"
+    not_a_catalog.write_text("hello,world\n1,2\n")
+    done = subprocess.run([sys.executable, "-m", "runners.cli", "featurize", "--catalog", str(not_a_catalog),
+                           "--output", str(files["root"] / "f2"), "--modalities", "meta"],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "video_id" in done.stderr
+
+
+def test_dead_letters_over_the_threshold_publish_and_exit_4(files, capsys):
+    # Two of four rows point at files that do not exist: 50% dead letters.
+    base = ["featurize", "--catalog", files["catalog"], "--modalities", "meta", "--runner", "DirectRunner"]
+    assert main([*base, "--output", str(files["root"] / "f4")]) == EXIT_TOO_MANY_ERRORS
+    out = capsys.readouterr().out
+    assert "too many errors: 2 of 4 rows" in out
+    # What succeeded is published: meta falls back to catalog fields for the rows whose media failed.
+    assert pq.read_table(files["root"] / "f4" / "meta").num_rows == 4
+    assert sorted(pq.read_table(files["root"] / "f4" / "_errors").column("video_id").to_pylist()) == ["v1", "v3"]
+    assert main([*base, "--output", str(files["root"] / "f5"), "--max-error-fraction", "0.5"]) == 0
