@@ -127,7 +127,7 @@ class FeatureSpec:
 PREDICTION_COLUMNS: tuple[Column, ...] = tuple(
     Column(f"{prefix}_{t}", pa.float64(), "output", doc)
     for t in TARGETS
-    for prefix, doc in (("pred", f"expected {t} at the horizon"),
+    for prefix, doc in (("pred", f"median (p50) prediction of {t} at the horizon: the point estimate, not the mean"),
                         ("p10", f"10th percentile of {t} at the horizon"),
                         ("p90", f"90th percentile of {t} at the horizon"))
 ) + (
