@@ -208,15 +208,22 @@ def _number(text: str, kind: type):
 
 
 def check_input_path(parser: argparse.ArgumentParser, flag: str, uri: str) -> None:
-    """A local input that does not exist is a usage error naming the flag (object stores are checked
-    when read)."""
+    """A local input that does not exist, or an object store that cannot be reached (no credentials, no
+    endpoint), is a usage error naming the flag, within seconds."""
+    problem = storage.unreachable(uri)
+    if problem:
+        parser.error(f"{flag}: {problem}")
     if storage.scheme_of(uri) in ("", "file") and not any(c in uri for c in "*?["):
         if not os.path.exists(storage.local_path(uri)):
             parser.error(f"{flag} {uri}: no such file or directory")
 
 
 def check_output_dir(parser: argparse.ArgumentParser, flag: str, uri: str) -> None:
-    """A local output directory must be creatable and writable before any work starts."""
+    """A local output directory must be creatable and writable before any work starts; an object store
+    must be reachable."""
+    problem = storage.unreachable(uri)
+    if problem:
+        parser.error(f"{flag}: {problem}")
     if storage.scheme_of(uri) not in ("", "file"):
         return
     path = storage.local_path(uri)

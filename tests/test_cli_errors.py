@@ -98,3 +98,12 @@ def test_dead_letters_over_the_threshold_publish_and_exit_4(files, capsys):
     assert pq.read_table(files["root"] / "f4" / "meta").num_rows == 4
     assert sorted(pq.read_table(files["root"] / "f4" / "_errors").column("video_id").to_pylist()) == ["v1", "v3"]
     assert main([*base, "--output", str(files["root"] / "f5"), "--max-error-fraction", "0.5"]) == 0
+
+
+def test_a_gs_path_without_credentials_fails_fast_saying_what_to_set(files, capsys, monkeypatch):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("POPCAST_GCS_RETRY_SECONDS", "3")
+    err = usage_error(["featurize", "--catalog", "gs://popcast-no-such-bucket/catalog.parquet", "--output",
+                       str(files["root"] / "f6")], capsys)
+    assert "--catalog" in err and "GOOGLE_APPLICATION_CREDENTIALS" in err and "STORAGE_EMULATOR_HOST" in err

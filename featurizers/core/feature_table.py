@@ -280,9 +280,11 @@ def write_sorted(sources: list[str], destination: str, filesystem: pafs.FileSyst
     pieces = max(1, -(-total_bytes // IN_MEMORY_SORT_BYTES))
     directory, name = destination.rsplit("/", 1)
     partial = f"{directory}/_writing-{name}"
-    with pq.ParquetWriter(partial, schema, filesystem=filesystem, use_dictionary=["video_id", "featurizer"]) as writer:
+    dictionary = ["video_id", "featurizer"]
+    with pq.ParquetWriter(partial, schema, filesystem=filesystem, use_dictionary=dictionary) as writer:
         if pieces == 1:
-            writer.write_table(dataset.to_table().sort_by("video_id").cast(schema), row_group_size=FEATURE_ROW_GROUP_ROWS)
+            writer.write_table(dataset.to_table().sort_by("video_id").cast(schema),
+                               row_group_size=FEATURE_ROW_GROUP_ROWS)
         else:
             ids = dataset.to_table(columns=["video_id"]).column("video_id")
             ranges = id_ranges(ids, -(-rows // pieces))

@@ -10,13 +10,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 __all__ = ["scheme_of", "local_path", "filesystem_and_path", "join", "exists", "read_bytes", "write_bytes",
-           "cache_dir", "model_cache_dir", "download_model_dir", "local_model_dir"]
+           "cache_dir", "model_cache_dir", "download_model_dir", "local_model_dir", "gcs_filesystem", "unreachable",
+           "GCS_RETRY_SECONDS"]
 
 
 def scheme_of(uri: str) -> str:
@@ -29,13 +31,35 @@ def local_path(uri: str) -> str:
     return urlparse(uri).path if scheme_of(uri) == "file" else uri
 
 
+# GCS calls give up after this long (retries included): without credentials or with an unreachable endpoint
+# the default retry policy would wait for many minutes without a word.
+GCS_RETRY_SECONDS = 20.0   # POPCAST_GCS_RETRY_SECONDS overrides it
+GCS_HELP = ("set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or run `gcloud auth "
+            "application-default login`); for an emulator set STORAGE_EMULATOR_HOST=http://HOST:PORT")
+
+
 def gcs_filesystem() -> pafs.FileSystem:
+    retry = timedelta(seconds=float(os.environ.get("POPCAST_GCS_RETRY_SECONDS", GCS_RETRY_SECONDS)))
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
         parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
         return pafs.GcsFileSystem(anonymous=True, endpoint_override=parsed.netloc,
-                                  scheme=parsed.scheme or "http")
-    return pafs.GcsFileSystem()
+                                  scheme=parsed.scheme or "http", retry_time_limit=retry)
+    return pafs.GcsFileSystem(retry_time_limit=retry)
+
+
+def unreachable(uri: str) -> str | None:
+    """Why an object-store URI cannot be reached (credentials, endpoint), in one line with what to set;
+    None when it can (whether or not the object exists). Bounded by GCS_RETRY_SECONDS."""
+    if scheme_of(uri) != "gs":
+        return None
+    fs, path = filesystem_and_path(uri)
+    try:
+        fs.get_file_info(path)
+    except OSError as err:
+        first = " ".join(str(err).split())[:240]
+        return f"cannot reach {uri} ({first}); {GCS_HELP}"
+    return None
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
