@@ -1,9 +1,21 @@
-"""Decode a video held in memory (bytes) into K resized RGB frames, 16 kHz mono audio and facts; Beam-free.
+"""Decode a video (its bytes, or a local path) into K resized RGB frames, 16 kHz mono audio and facts; Beam-free.
 
-The container header is probed first with PyAV (no frame is decoded there) so size, pixel and duration
-limits reject a file before any decoding work is spent on it. decord 0.6.0 then indexes the stream (frame
-count, fps, keyframes, timestamps), decodes keyframe and frame-accurate samples and the audio; PyAV
+The container header is probed first with PyAV (no frame is decoded there) so size, pixel, duration and
+memory limits reject a file before any decoding work is spent on it. decord 0.6.0 then indexes the stream
+(frame count, fps, keyframes, timestamps), decodes keyframe and frame-accurate samples and the audio; PyAV
 runs the one sequential pass of "reference" sampling, which decord cannot do.
+
+Memory is bounded by design, whatever the clip's length, resolution or audio track (`estimate_decode_memory`):
+- the peak of a decode is estimated from the header before anything is decoded: the file's bytes when it
+  is held in memory (decord copies them: ~4x the file at its peak; a path costs nothing), full-size
+  decoded pictures (coded width x height x bytes per pixel x (16 reference frames + 4 held + 2 per
+  decoder thread): the resize happens after decoding), the demuxers' per-packet indexes, the first
+  `audio_seconds` of audio, the K output frames and a fixed part. Over `DecodeLimits.max_memory`, the
+  decoder threads are reduced first, then the video fails with reason "max_memory";
+- only the first `audio_seconds` (+1 s) of the audio track are cut out (packets copied, nothing decoded) and
+  decoded, so an hour of 48 kHz stereo costs what 30 s cost;
+- `MemoryBudget` lets the videos decoded at once in one process share one budget: each reserves its
+  estimate, waiting while the others' reservations leave too little.
 
 Samplings (`DecodedVideo.sampling_used` says which one ran):
 - "keyframe" (the default request): the keyframes nearest to K uniform positions, decoded alone (a
@@ -22,10 +34,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
+import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator, Sequence, TypeVar
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import av
 import decord
@@ -34,7 +50,9 @@ import numpy as np
 __all__ = [
     "decode_video", "DecodedVideo", "VideoFacts", "DecodeLimits", "DecodeError",
     "SAMPLINGS", "AUDIO_SAMPLE_RATE", "DEFAULT_FRAMES", "DEFAULT_SAMPLING", "DEFAULT_FRAME_SIZE",
-    "DEFAULT_AUDIO_SECONDS",
+    "DEFAULT_AUDIO_SECONDS", "DEFAULT_MAX_MEMORY",
+    # memory: the estimate decode_video checks, and a budget shared by concurrent decodes
+    "MemoryEstimate", "estimate_decode_memory", "MemoryBudget", "process_memory_budget",
     # the sampling rules and header readers, pure and tested on their own
     "uniform_indices", "sample_keyframe_indices", "min_distinct_keyframes", "choose_indices",
     "pick_nearest_in_stream", "looks_like_video_container", "mp4_display_rotation",
@@ -57,6 +75,47 @@ _PYAV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 # AssertionError for a zero-frame stream ("Invalid frame count").
 _DECORD_ERRORS = (RuntimeError, decord.DECORDError, AssertionError)
 
+# Memory (see the module docstring and estimate_decode_memory). The default budget is the decode share of a
+# 2.5 GB featurize worker: its interpreter, Beam, the encoders and a 4-video frame batch peak at ~1.7 GB.
+DEFAULT_MAX_MEMORY = 768 * 1024 * 1024
+# Full-size pictures a decoder may hold: up to 16 reference frames (H.264/HEVC DPB), plus the picture being
+# decoded, the reorder delay and the frames PyAV/decord hold while converting, plus per frame thread the
+# picture it decodes and its output delay. Calibrated on a 4K H.264 stream with 16 reference frames and
+# B-pyramids: 217 MiB measured with 1 thread, 477 MiB with 16 (decord, frame-accurate), against 12.5 MiB a
+# picture x (20 + 2 x threads) + the rest: 318 and 676 MiB estimated.
+_REFERENCE_FRAMES = 16
+_HELD_FRAMES = 4
+_FRAMES_PER_THREAD = 2
+# Per packet of the file (video frames and audio packets): the demuxer's index in each open container
+# (probe, decord, the reference pass: ~100 B each) and the sampler's per-frame timestamps.
+_INDEX_BYTES_PER_PACKET = 256
+# Codec and container state, decord's and PyAV's buffers (~32 MiB measured on tiny clips).
+_FIXED_BYTES = 48 * 1024 * 1024
+# A file held in memory (bytes input) is copied twice by decord (bytearray + its own buffer), once more
+# while its reader is built: with the caller's copy, 4x the file at the peak. A path costs nothing.
+_IN_MEMORY_FILE_COPIES = 4
+# Audio: the first audio_seconds + this margin of packets are copied into a small container and decoded
+# (decoding is causal, so the kept samples equal a whole-track decode's); the cut stops at this many
+# compressed bytes whatever the packets say (31 s of 48 kHz stereo 16-bit PCM is 6 MB).
+_AUDIO_MARGIN_S = 1.0
+_AUDIO_CUT_MAX_BYTES = 8 * 1024 * 1024
+# The cut is written in the source's own container family, which stores priming / codec delay the way the
+# source did, so decoding the cut gives the source's samples bit for bit; then the fallbacks.
+_AUDIO_CUT_FAMILIES = {"mov": "mov", "mp4": "mov", "matroska": "matroska", "webm": "matroska",
+                       "mpegts": "mpegts", "avi": "avi", "flv": "flv", "ogg": "ogg", "asf": "asf"}
+_AUDIO_CUT_FALLBACKS = ("mov", "matroska")
+# Decoded audio copies at the peak: decord's growing vector (up to 2x), its array, the numpy copy, ours.
+_AUDIO_COPIES = 5
+# Bytes per pixel of the decoded picture when the header names no pixel format: 8-bit 4:2:0 for the
+# profiles that are 8-bit 4:2:0 by definition, 10/12-bit 4:2:0 for those, else the worst (16-bit 4:4:4 + alpha).
+_PROFILES_8BIT_420 = {"baseline", "constrained baseline", "main", "extended", "high", "progressive high",
+                      "constrained high", "main still picture", "profile 0", "simple profile",
+                      "advanced simple profile", "simple", "advanced"}
+_PROFILES_HIGH_BIT_420 = {"high 10", "high 10 intra", "main 10", "profile 2"}
+_CODECS_8BIT_420 = {"vp8", "h263", "flv1", "mpeg1video", "mpeg2video", "mpeg4", "msmpeg4v2", "msmpeg4v3",
+                    "wmv1", "wmv2", "theora"}
+_WORST_BYTES_PER_PIXEL = 8.0
+
 _T = TypeVar("_T")
 
 
@@ -69,21 +128,25 @@ class DecodeLimits:
     max_pixels: coded width * height, checked before any frame is decoded.
     max_decode_s: wall-clock budget for the whole decode. decord's calls cannot be interrupted, so it
         is checked between steps (probe, open, each chunk of frames, audio); one step may overrun it.
+    max_memory: estimated peak bytes of the decode (estimate_decode_memory), checked from the header
+        before any frame is decoded (decoder threads are reduced first) and again once the frame count
+        is known.
     """
     max_bytes: int = 512 * 1024 * 1024
     max_duration_s: float = 600.0
     max_pixels: int = 4096 * 4096
     max_decode_s: float = 120.0
+    max_memory: int = DEFAULT_MAX_MEMORY
 
 
 class DecodeError(Exception):
     """A video that cannot be decoded, or that breaks a limit.
 
     `reason` is a short machine name: "empty_file", "not_a_video", "max_bytes", "max_duration",
-    "max_pixels", "decode_timeout" or "corrupt". The message says what was found.
+    "max_pixels", "max_memory", "decode_timeout" or "corrupt". The message says what was found.
     """
     REASONS: tuple[str, ...] = ("empty_file", "not_a_video", "max_bytes", "max_duration", "max_pixels",
-                                "decode_timeout", "corrupt")
+                                "max_memory", "decode_timeout", "corrupt")
 
     def __init__(self, reason: str, message: str):
         if reason not in self.REASONS:
@@ -252,47 +315,120 @@ def looks_like_video_container(data: bytes) -> bool:
     return False
 
 
+class _Source:
+    """The video as given: bytes in memory (decord copies them; counted by the memory estimate) or the path
+    of a local file (read by FFmpeg in small buffers: the file's size costs no memory)."""
+
+    def __init__(self, data: bytes | str | os.PathLike):
+        if isinstance(data, (str, os.PathLike)):
+            self.path: str | None = os.fspath(data)
+            self.data: bytes | None = None
+            self.size = os.path.getsize(self.path)
+        else:
+            self.path = None
+            self.data = data if isinstance(data, bytes) else bytes(data)
+            self.size = len(self.data)
+
+    @property
+    def bytes_in_memory(self) -> int:
+        """File bytes a decode holds at its peak: decord's copies of an in-memory file, none for a path."""
+        return _IN_MEMORY_FILE_COPIES * self.size if self.data is not None else 0
+
+    def for_decoder(self) -> str | io.BytesIO:
+        """What av.open and decord's readers take: the path, or a new BytesIO sharing the bytes (no copy)."""
+        return self.path if self.path is not None else io.BytesIO(self.data)
+
+    def head(self, n: int) -> bytes:
+        if self.data is not None:
+            return self.data[:n]
+        with open(self.path, "rb") as handle:
+            return handle.read(n)
+
+    @contextmanager
+    def reader(self) -> Iterator[Callable[[int, int], bytes]]:
+        """`read(position, n)`: up to n bytes from position, for the box parser (a file is never read whole)."""
+        if self.data is not None:
+            data = self.data
+            yield lambda position, n: data[position:position + n]
+            return
+        with open(self.path, "rb") as handle:
+            def read(position: int, n: int) -> bytes:
+                handle.seek(position)
+                return handle.read(n)
+            yield read
+
+
 @dataclass(frozen=True)
 class _ContainerProbe:
+    """What the container header says, read without decoding a frame."""
     width: int
     height: int
     duration_s: float | None
     has_audio: bool
+    codec: str = ""
+    profile: str | None = None
+    pix_fmt: str | None = None      # often unknown before decoding (then the profile decides)
+    video_packets: int = 0          # frames the header lists; 0 = not listed (Matroska, MPEG-TS)
+    fps: float = 0.0                # the header's frame rate; 0 = unknown
+    audio_packets: int = 0          # packets of every audio track, listed or implied by their duration
 
 
-def _probe_container(data: bytes) -> _ContainerProbe:
-    """Read the container header with PyAV: coded size, duration, streams. Decodes no frame."""
+# Decoders that avformat_find_stream_info opens while probing would decode up to 20 H.264 frames at full
+# size (to guess the reorder delay) before any limit could look at the picture size; with skip_frame=all
+# they decode none. The header's sizes, durations and streams are the same.
+_PROBE_OPTIONS = {"skip_frame": "all"}
+
+
+def _probe_container(source: _Source) -> _ContainerProbe:
+    """Read the container header with PyAV: coded size, duration, streams, packet counts. Decodes no frame."""
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(source.for_decoder(), mode="r", options=_PROBE_OPTIONS) as container:
             if not container.streams.video:
                 raise DecodeError("not_a_video", f"no video stream (streams: "
                                   f"{[s.type for s in container.streams]})")
             stream = container.streams.video[0]
-            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+            context = stream.codec_context
+            width, height = int(context.width or 0), int(context.height or 0)
             duration_s = None
             if container.duration is not None and container.duration > 0:
                 duration_s = container.duration / av.time_base
             elif stream.duration is not None and stream.time_base is not None:
                 duration_s = float(stream.duration * stream.time_base)
-            return _ContainerProbe(width, height, duration_s, bool(container.streams.audio))
+            rate = stream.guessed_rate or stream.average_rate
+            return _ContainerProbe(
+                width, height, duration_s, bool(container.streams.audio), codec=context.name or "",
+                profile=stream.profile, pix_fmt=context.pix_fmt, video_packets=max(int(stream.frames or 0), 0),
+                fps=float(rate) if rate else 0.0,
+                audio_packets=sum(_audio_packets(audio, duration_s) for audio in container.streams.audio))
     except DecodeError:
         raise
     except _PYAV_ERRORS as error:
-        if looks_like_video_container(data):
+        if looks_like_video_container(source.head(512)):
             raise DecodeError("corrupt", f"container header unreadable: {error}") from error
         raise DecodeError("not_a_video", f"no known video container: {error}") from error
 
 
-def _iter_boxes(data: bytes, start: int, stop: int):
-    """(type, payload_start, payload_stop) for ISO-BMFF boxes in data[start:stop]."""
+def _audio_packets(stream, container_duration_s: float | None) -> int:
+    """Packets of an audio track: the header's count, else its duration at >= 50 packets a second."""
+    if stream.frames:
+        return int(stream.frames)
+    seconds = container_duration_s or 0.0
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    rate = (stream.codec_context.sample_rate if stream.codec_context is not None else 0) or 48_000
+    return int(math.ceil(max(seconds, 0.0) * max(50.0, rate / 1024)))
+
+
+def _iter_boxes(read: Callable[[int, int], bytes], start: int, stop: int):
+    """(type, payload_start, payload_stop) for ISO-BMFF boxes in [start, stop) of what `read` reads."""
     pos = start
     while pos + 8 <= stop:
-        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        size, kind = struct.unpack(">I4s", read(pos, 8))
         header = 8
         if size == 1:
             if pos + 16 > stop:
                 return
-            size = struct.unpack(">Q", data[pos + 8:pos + 16])[0]
+            size = struct.unpack(">Q", read(pos + 8, 8))[0]
             header = 16
         elif size == 0:
             size = stop - pos
@@ -308,24 +444,29 @@ def mp4_display_rotation(data: bytes) -> int:
     Read from the track header (tkhd) matrix, as FFmpeg's av_display_rotation_get does; 0 for other
     containers or when the header cannot be parsed (decord applies the same matrix when decoding).
     """
-    for kind, moov_start, moov_stop in _iter_boxes(data, 0, len(data)):
+    return _mp4_rotation(lambda position, n: data[position:position + n], len(data))
+
+
+def _mp4_rotation(read: Callable[[int, int], bytes], size: int) -> int:
+    """mp4_display_rotation over `read(position, n)`: only box headers and a few fields are read."""
+    for kind, moov_start, moov_stop in _iter_boxes(read, 0, size):
         if kind != b"moov":
             continue
-        for trak_kind, trak_start, trak_stop in _iter_boxes(data, moov_start, moov_stop):
+        for trak_kind, trak_start, trak_stop in _iter_boxes(read, moov_start, moov_stop):
             if trak_kind != b"trak":
                 continue
             matrix, is_video = None, False
-            for box, start, stop in _iter_boxes(data, trak_start, trak_stop):
+            for box, start, stop in _iter_boxes(read, trak_start, trak_stop):
                 if box == b"tkhd" and stop - start >= 84:
-                    version = data[start]
+                    version = read(start, 1)[0]
                     # version/flags, then times and ids: 20 bytes (v0) or 32 (v1); 16 more reserved
                     # /layer/group/volume bytes precede the 9-int matrix.
                     offset = start + 4 + (32 if version == 1 else 20) + 16
                     if offset + 36 <= stop:
-                        matrix = struct.unpack(">9i", data[offset:offset + 36])
+                        matrix = struct.unpack(">9i", read(offset, 36))
                 elif box == b"mdia":
-                    for sub, sub_start, _ in _iter_boxes(data, start, stop):
-                        if sub == b"hdlr" and data[sub_start + 8:sub_start + 12] == b"vide":
+                    for sub, sub_start, _ in _iter_boxes(read, start, stop):
+                        if sub == b"hdlr" and read(sub_start + 8, 4) == b"vide":
                             is_video = True
             if is_video and matrix is not None:
                 a, b = matrix[0], matrix[1]
@@ -335,6 +476,185 @@ def mp4_display_rotation(data: bytes) -> int:
                 return int(round(ccw / 90.0)) * 90 % 360
         return 0
     return 0
+
+
+def _display_rotation(source: _Source) -> int:
+    with source.reader() as read:
+        return _mp4_rotation(read, source.size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory: the estimate decode_video checks before decoding, and the budget concurrent decodes share
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory of one decode_video call, in bytes, by part (see the module docstring).
+
+    file: the file's bytes held in memory (bytes input; 0 for a path). pictures: full-size decoded
+    pictures (reference frames, held frames, one per decoder thread). index: per-packet indexes.
+    audio: the cut audio and its decoded samples. output: the K resized frames. fixed: codec and container
+    state. threads: the decoder threads assumed; num_threads: what decode_video passes to the decoders
+    (0 = their automatic choice, kept when it fits). video_packets: the frame count assumed.
+    """
+    file: int
+    pictures: int
+    index: int
+    audio: int
+    output: int
+    fixed: int
+    threads: int
+    num_threads: int
+    video_packets: int
+
+    @property
+    def total(self) -> int:
+        return self.file + self.pictures + self.index + self.audio + self.output + self.fixed
+
+    def describe(self) -> str:
+        def mib(n: int) -> str:
+            return f"{n / 2**20:.0f}"
+        return (f"{mib(self.total)} MiB (file {mib(self.file)}, pictures {mib(self.pictures)} with "
+                f"{self.threads} decoder thread(s), index {mib(self.index)} for {self.video_packets} frames, "
+                f"audio {mib(self.audio)}, output {mib(self.output)}, fixed {mib(self.fixed)})")
+
+
+def _auto_threads(height: int) -> int:
+    """The decoder threads FFmpeg picks for thread_count=0 (libavcodec/pthread.c): cores + 1, at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    cores = min(cores, max(1, (height + 15) // 16))
+    return min(cores + 1, 16) if cores > 1 else 1
+
+
+def _bytes_per_pixel(probe: _ContainerProbe) -> float:
+    """Bytes per pixel of a decoded picture: from the pixel format when the header names it, else from the
+    codec profile (8-bit 4:2:0: 1.5; 10/12-bit 4:2:0: 3), else the worst case."""
+    if probe.pix_fmt:
+        try:
+            bits = av.VideoFormat(probe.pix_fmt).padded_bits_per_pixel
+            if bits > 0:
+                return bits / 8
+        except (ValueError, av.FFmpegError):
+            pass
+    profile = (probe.profile or "").lower()
+    if probe.codec == "av1":
+        return 3.0 if profile == "main" else _WORST_BYTES_PER_PIXEL
+    if profile in _PROFILES_8BIT_420 or (not profile and probe.codec in _CODECS_8BIT_420):
+        return 1.5
+    if profile in _PROFILES_HIGH_BIT_420:
+        return 3.0
+    return _WORST_BYTES_PER_PIXEL
+
+
+def _picture_bytes(probe: _ContainerProbe) -> int:
+    """One decoded picture at the coded size, planes aligned as FFmpeg allocates them (to 64)."""
+    def aligned(n: int) -> int:
+        return (max(n, 1) + 63) // 64 * 64
+    return int(aligned(probe.width) * aligned(probe.height) * _bytes_per_pixel(probe))
+
+
+def _plan_memory(probe: _ContainerProbe, source: _Source, frames: int, size: int, audio_seconds: float,
+                 num_threads: int, max_memory: int) -> MemoryEstimate:
+    """The estimate with the most decoder threads (up to the requested ones) that fit max_memory.
+
+    Raises DecodeError("max_memory") when even one decoder thread does not fit.
+    """
+    video_packets = probe.video_packets or int(math.ceil((probe.duration_s or 0.0) * (probe.fps or 60.0)))
+    audio = 0
+    if probe.has_audio and audio_seconds > 0:
+        samples = (audio_seconds + _AUDIO_MARGIN_S) * AUDIO_SAMPLE_RATE
+        audio = int(_AUDIO_COPIES * 4 * samples) + _IN_MEMORY_FILE_COPIES * _AUDIO_CUT_MAX_BYTES
+    requested = num_threads if num_threads > 0 else _auto_threads(probe.height)
+    picture = _picture_bytes(probe)
+    estimate = MemoryEstimate(
+        file=source.bytes_in_memory, pictures=0,
+        index=(video_packets + probe.audio_packets) * _INDEX_BYTES_PER_PACKET, audio=audio,
+        output=3 * frames * size * size * 3, fixed=_FIXED_BYTES, threads=requested, num_threads=num_threads,
+        video_packets=video_packets)
+    fitting = ((max_memory - estimate.total) // picture - _REFERENCE_FRAMES - _HELD_FRAMES) // _FRAMES_PER_THREAD
+    threads = int(max(1, min(requested, fitting)))
+    pictures = picture * (_REFERENCE_FRAMES + _HELD_FRAMES + _FRAMES_PER_THREAD * threads)
+    estimate = replace(estimate, pictures=pictures, threads=threads,
+                       num_threads=num_threads if threads == requested else threads)
+    if estimate.total > max_memory:
+        raise DecodeError("max_memory", f"{probe.width}x{probe.height}, {video_packets} frames, {source.size} "
+                          f"bytes{' in memory' if source.data is not None else ''}: estimated peak "
+                          f"{estimate.describe()} > limit {max_memory} bytes")
+    return estimate
+
+
+def estimate_decode_memory(data: bytes | str | os.PathLike, *, frames: int = DEFAULT_FRAMES,
+                           size: int = DEFAULT_FRAME_SIZE, audio_seconds: float = DEFAULT_AUDIO_SECONDS,
+                           num_threads: int = 0, limits: DecodeLimits = DecodeLimits()) -> MemoryEstimate:
+    """The peak memory decode_video(data, ...) with the same arguments is estimated to need, from the header.
+
+    Decodes nothing. Raises the DecodeError decode_video would raise for the file's size, header, pixel,
+    duration or memory limits, so a caller can reserve the estimate (MemoryBudget) before decoding.
+    """
+    source = _Source(data)
+    probe = _probe_within_limits(source, limits)
+    return _plan_memory(probe, source, frames, size, audio_seconds, num_threads, limits.max_memory)
+
+
+class MemoryBudget:
+    """Estimated decode memory shared by the videos one process decodes at once; thread-safe.
+
+    `reserve(n)` waits until n bytes fit beside the other reservations, first come first served (a big
+    video is not overtaken forever by small ones), and gives them back when its block ends. n is capped at
+    the capacity, so a reservation never waits for itself: with DecodeLimits.max_memory equal to the
+    capacity, decode_video refuses larger estimates anyway. Each video reserves once, so waiting
+    threads hold nothing and the decoding ones always finish: no deadlock.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self._reserved = 0
+        self._queue: deque[object] = deque()
+        self._changed = threading.Condition()
+
+    @property
+    def reserved(self) -> int:
+        with self._changed:
+            return self._reserved
+
+    @contextmanager
+    def reserve(self, n_bytes: int) -> Iterator[int]:
+        n_bytes = max(0, min(int(n_bytes), self.capacity))
+        ticket = object()
+        with self._changed:
+            self._queue.append(ticket)
+            try:
+                self._changed.wait_for(
+                    lambda: self._queue[0] is ticket and self._reserved + n_bytes <= self.capacity)
+            finally:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
+            self._reserved += n_bytes
+        try:
+            yield n_bytes
+        finally:
+            with self._changed:
+                self._reserved -= n_bytes
+                self._changed.notify_all()
+
+
+_PROCESS_BUDGETS: dict[int, MemoryBudget] = {}
+_PROCESS_BUDGETS_LOCK = threading.Lock()
+
+
+def process_memory_budget(capacity: int) -> MemoryBudget:
+    """This process's MemoryBudget of `capacity` bytes: one per process and capacity, so that every
+    decoder of a worker process shares it (a runner may run several DoFn instances, each with its own
+    thread pool, in one process)."""
+    with _PROCESS_BUDGETS_LOCK:
+        budget = _PROCESS_BUDGETS.get(capacity)
+        if budget is None:
+            budget = _PROCESS_BUDGETS[capacity] = MemoryBudget(capacity)
+        return budget
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,15 +667,61 @@ def _check_time(started: float, limits: DecodeLimits, step: str) -> None:
                           f"by the end of {step}")
 
 
-def _decode_audio(data: bytes, audio_seconds: float) -> np.ndarray:
+def _cut_audio(source: _Source, seconds: float) -> bytes:
+    """The first `seconds` of the first audio track, its packets copied (not decoded) into a small container.
+
+    decord's AudioReader decodes a whole track into memory (an hour of 48 kHz stereo peaks near 1 GB);
+    fed this cut it decodes only the start. Decoding is causal and the cut is written in the source's own
+    container family (which stores priming and codec delay as the source did), so the samples kept from
+    it equal a whole-track decode's bit for bit (checked on the real clips and on AAC, Opus, MP3, AC-3,
+    FLAC, ALAC and PCM in MP4/MOV, Matroska/WebM, MPEG-TS, AVI and FLV). At most _AUDIO_CUT_MAX_BYTES
+    are copied.
+    """
+    with av.open(source.for_decoder(), mode="r", options=_PROBE_OPTIONS) as container:
+        family = _AUDIO_CUT_FAMILIES.get(container.format.name.split(",")[0])
+    formats = ((family,) if family else ()) + tuple(f for f in _AUDIO_CUT_FALLBACKS if f != family)
+    failure: Exception | None = None
+    for container_format in formats:
+        try:
+            return _cut_audio_into(source, seconds, container_format)
+        except _PYAV_ERRORS as error:      # the format cannot hold this codec: try the next one
+            failure = error
+    assert failure is not None
+    raise failure
+
+
+def _cut_audio_into(source: _Source, seconds: float, container_format: str) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(source.for_decoder(), mode="r", options=_PROBE_OPTIONS) as container:
+        stream = container.streams.audio[0]          # the track decord decodes: the first audio stream
+        with av.open(buffer, mode="w", format=container_format) as cut:
+            target = cut.add_stream_from_template(stream)
+            first, copied = None, 0
+            for packet in container.demux(stream):
+                when = packet.pts if packet.pts is not None else packet.dts
+                if when is None:
+                    continue                        # the demuxer's empty packet at the end
+                if first is None:
+                    first = when
+                if float((when - first) * packet.time_base) > seconds or \
+                        copied + packet.size > _AUDIO_CUT_MAX_BYTES:
+                    break
+                copied += packet.size
+                packet.stream = target
+                cut.mux(packet)
+    return buffer.getvalue()
+
+
+def _decode_audio(source: _Source, audio_seconds: float) -> np.ndarray:
     """Mono 16 kHz float32, at most audio_seconds long.
 
     mono=True always: decord's mono=False returns scrambled samples (dmlc/decord#242). Stereo is
     downmixed by FFmpeg's default (L + R) * 0.707, so a stereo source reads up to 3 dB louder than
-    the same signal in mono. decord decodes the whole track before we cut it; the duration limit
-    bounds that cost.
+    the same signal in mono. Only the first audio_seconds (+ a margin) are cut out and decoded, so
+    memory and time do not grow with the track's length.
     """
-    reader = decord.AudioReader(io.BytesIO(data), sample_rate=AUDIO_SAMPLE_RATE, mono=True)
+    cut = _cut_audio(source, audio_seconds + _AUDIO_MARGIN_S)
+    reader = decord.AudioReader(io.BytesIO(cut), sample_rate=AUDIO_SAMPLE_RATE, mono=True)
     keep = int(audio_seconds * AUDIO_SAMPLE_RATE)
     # The decoded (channels, samples) array; the public slicing API builds a Python list of every
     # sample index (seconds of overhead for long tracks), so read the array decord already holds.
@@ -379,7 +745,7 @@ def _decode_indexed_frames(reader, indices: list[int], started: float, limits: D
     return np.stack([decoded[i] for i in indices]).astype(np.uint8, copy=False)
 
 
-def _decode_reference_frames(data: bytes, frame_starts: np.ndarray, target_indices: list[int], size: int,
+def _decode_reference_frames(source: _Source, frame_starts: np.ndarray, target_indices: list[int], size: int,
                              rotation: int, num_threads: int, started: float, limits: DecodeLimits
                              ) -> tuple[list[int], np.ndarray] | None:
     """PyAV, one sequential pass over reference frames only: (frame indices, uint8 [K, size, size, 3]).
@@ -396,7 +762,7 @@ def _decode_reference_frames(data: bytes, frame_starts: np.ndarray, target_indic
     picked_index: list[int] = [0] * k
     picked_rgb: list[np.ndarray | None] = [None] * k
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(source.for_decoder(), mode="r") as container:
             stream = container.streams.video[0]
             # Frame + slice threads; B frames nothing refers to are dropped inside the decoder, before
             # any pixel work (most frames of phone/TikTok H.264 are such B frames).
@@ -436,23 +802,26 @@ def _decode_reference_frames(data: bytes, frame_starts: np.ndarray, target_indic
     return picked_index, np.stack(picked_rgb)
 
 
-def decode_video(data: bytes, *, frames: int = DEFAULT_FRAMES, sampling: str = DEFAULT_SAMPLING,
-                 size: int = DEFAULT_FRAME_SIZE, limits: DecodeLimits = DecodeLimits(),
-                 audio_seconds: float = DEFAULT_AUDIO_SECONDS,
+def decode_video(data: bytes | str | os.PathLike, *, frames: int = DEFAULT_FRAMES,
+                 sampling: str = DEFAULT_SAMPLING, size: int = DEFAULT_FRAME_SIZE,
+                 limits: DecodeLimits = DecodeLimits(), audio_seconds: float = DEFAULT_AUDIO_SECONDS,
                  num_threads: int = 0) -> DecodedVideo:
-    """Decode `frames` RGB frames (resized to size x size) plus audio and facts from a video's bytes.
+    """Decode `frames` RGB frames (resized to size x size) plus audio and facts from a video.
 
     Args:
-        data: the whole file (pipelines read it through Beam FileSystems).
+        data: the whole file as bytes, or the path of a local file. A path is read by the decoders in
+            small buffers, so the file's size costs no memory (pipelines pass paths); bytes are copied
+            by decord and count ~4x in the memory estimate.
         frames: K, the number of frames returned (always exactly K).
         sampling: "keyframe" (default; falls back to "reference" on sparse keyframes), "reference" or
             "exact"; see the module docstring. `DecodedVideo.sampling_used` says which one ran.
         size: output side. The resize happens inside the decoder (cheap) and is a plain square
             stretch, not a crop: a 9:16 clip is squeezed horizontally. Encoders see the whole picture.
-        limits: DecodeLimits checked along the way.
+        limits: DecodeLimits checked along the way (max_memory against estimate_decode_memory).
         audio_seconds: keep at most this much audio from the start; 0 skips audio decoding (audio
             None, audio_error None; facts.has_audio still reports the stream).
-        num_threads: decoder threads (0 = the decoders' automatic choice).
+        num_threads: decoder threads (0 = the decoders' automatic choice). Fewer are used when the
+            requested ones would not fit limits.max_memory; the frames are the same either way.
 
     Raises:
         DecodeError: with reason "empty_file", "not_a_video", "corrupt" or a limit name. A file
@@ -463,26 +832,29 @@ def decode_video(data: bytes, *, frames: int = DEFAULT_FRAMES, sampling: str = D
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     started = time.monotonic()
-    probe = _probe_within_limits(data, limits)
+    source = _Source(data)
+    probe = _probe_within_limits(source, limits)
+    plan = _plan_memory(probe, source, frames, size, audio_seconds, num_threads, limits.max_memory)
     _check_time(started, limits, "probe")
 
-    reader, stream = _open_stream_index(data, size, num_threads)
+    reader, stream = _open_stream_index(source, size, plan.num_threads)
     if probe.duration_s is None and stream.duration_s > limits.max_duration_s:
         raise DecodeError("max_duration", f"{stream.duration_s:.1f}s > limit {limits.max_duration_s}s")
+    _check_memory_with_frame_count(plan, stream.frame_count, limits)
     _check_time(started, limits, "open")
 
-    rotation = mp4_display_rotation(data)
+    rotation = _display_rotation(source)
     indices, sampling_used = choose_indices(stream.key_indices, stream.frame_count, frames, sampling)
     try:
-        sampled = _sample_frames(reader, data, indices, sampling_used, size, rotation, num_threads,
+        sampled = _sample_frames(reader, source, indices, sampling_used, size, rotation, plan.num_threads,
                                  started, limits)
     except _DECORD_ERRORS as error:
         raise DecodeError("corrupt", f"decoding frames failed: {error}") from error
     finally:
-        del reader  # decord holds decoder threads and a copy of the bytes until freed
+        del reader  # decord holds decoder threads (and a copy of in-memory bytes) until freed
 
-    facts = _video_facts(probe, stream, rotation, n_bytes=len(data))
-    audio, audio_error = _decode_audio_if_wanted(data, probe.has_audio, audio_seconds)
+    facts = _video_facts(probe, stream, rotation, n_bytes=source.size)
+    audio, audio_error = _decode_audio_if_wanted(source, probe.has_audio, audio_seconds)
     _check_time(started, limits, "audio")
 
     return DecodedVideo(frames=sampled.frames, frame_indices=np.asarray(sampled.indices, dtype=np.int64),
@@ -490,23 +862,34 @@ def decode_video(data: bytes, *, frames: int = DEFAULT_FRAMES, sampling: str = D
                         facts=facts, audio_error=audio_error, decode_s=time.monotonic() - started)
 
 
-def _probe_within_limits(data: bytes, limits: DecodeLimits) -> _ContainerProbe:
+def _probe_within_limits(source: _Source, limits: DecodeLimits) -> _ContainerProbe:
     """The container header, once the file has passed every limit the header can show.
 
     Runs before any decoder is opened, so an oversized or huge-resolution upload costs no decoding.
     """
-    n_bytes = len(data)
-    if n_bytes == 0:
+    if source.size == 0:
         raise DecodeError("empty_file", "the file has zero bytes")
-    if n_bytes > limits.max_bytes:
-        raise DecodeError("max_bytes", f"{n_bytes} bytes > limit {limits.max_bytes}")
-    probe = _probe_container(data)
+    if source.size > limits.max_bytes:
+        raise DecodeError("max_bytes", f"{source.size} bytes > limit {limits.max_bytes}")
+    probe = _probe_container(source)
     if probe.width * probe.height > limits.max_pixels:
         raise DecodeError("max_pixels", f"{probe.width}x{probe.height} = {probe.width * probe.height} "
                           f"pixels > limit {limits.max_pixels}")
     if probe.duration_s is not None and probe.duration_s > limits.max_duration_s:
         raise DecodeError("max_duration", f"{probe.duration_s:.1f}s > limit {limits.max_duration_s}s")
     return probe
+
+
+def _check_memory_with_frame_count(plan: MemoryEstimate, frame_count: int, limits: DecodeLimits) -> None:
+    """Once decord has counted the frames: the index part with the real count (headers of Matroska or
+    MPEG-TS do not list frames, so the plan guessed from duration x rate) must still fit."""
+    if frame_count <= plan.video_packets:
+        return
+    actual = replace(plan, index=plan.index + (frame_count - plan.video_packets) * _INDEX_BYTES_PER_PACKET,
+                     video_packets=frame_count)
+    if actual.total > limits.max_memory:
+        raise DecodeError("max_memory", f"{frame_count} frames: estimated peak {actual.describe()} > limit "
+                          f"{limits.max_memory} bytes")
 
 
 @dataclass(frozen=True)
@@ -518,10 +901,11 @@ class _StreamIndex:
     duration_s: float           # end of the last frame, else frame_count / fps, else 0
 
 
-def _open_stream_index(data: bytes, size: int, num_threads: int) -> tuple[decord.VideoReader, _StreamIndex]:
+def _open_stream_index(source: _Source, size: int, num_threads: int
+                       ) -> tuple[decord.VideoReader, _StreamIndex]:
     """decord's reader (decoding straight to size x size) and its index of the stream."""
     try:
-        reader = decord.VideoReader(io.BytesIO(data), width=size, height=size, num_threads=num_threads)
+        reader = decord.VideoReader(source.for_decoder(), width=size, height=size, num_threads=num_threads)
         frame_count = len(reader)
         fps = float(reader.get_avg_fps())
         key_indices = list(reader.get_key_indices())
@@ -540,16 +924,16 @@ class _SampledFrames:
     sampling_used: str
 
 
-def _sample_frames(reader, data: bytes, indices: list[int], sampling: str, size: int, rotation: int,
+def _sample_frames(reader, source: _Source, indices: list[int], sampling: str, size: int, rotation: int,
                    num_threads: int, started: float, limits: DecodeLimits) -> _SampledFrames:
     """The K frames under `sampling` (from choose_indices). Raises decord's errors (the caller maps them).
 
     "reference" turns into "exact" when the clip has too few reference frames for a useful spread.
     """
-    frame_starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0].astype(np.float64)
+    frame_starts = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0].astype(np.float64)
     frame_array = None
     if sampling == "reference":
-        picked = _decode_reference_frames(data, frame_starts, indices, size, rotation, num_threads,
+        picked = _decode_reference_frames(source, frame_starts, indices, size, rotation, num_threads,
                                           started, limits)
         if picked is not None:
             indices, frame_array = picked
@@ -570,14 +954,14 @@ def _video_facts(probe: _ContainerProbe, stream: _StreamIndex, rotation: int, n_
                       keyframe_count=len(stream.key_indices))
 
 
-def _decode_audio_if_wanted(data: bytes, has_audio: bool, audio_seconds: float
+def _decode_audio_if_wanted(source: _Source, has_audio: bool, audio_seconds: float
                             ) -> tuple[np.ndarray | None, str | None]:
     """(audio, audio_error): (None, None) without a stream or when audio_seconds is 0."""
     audio, audio_error = None, None
     if has_audio and audio_seconds > 0:
         try:
-            audio = _decode_audio(data, audio_seconds)
-        except _DECORD_ERRORS as error:
+            audio = _decode_audio(source, audio_seconds)
+        except (*_DECORD_ERRORS, *_PYAV_ERRORS) as error:
             # A broken audio track should not cost the frames: report it, keep going.
             audio_error = f"audio decode failed: {error}"
         if audio is not None and not np.isfinite(audio).all():

@@ -5,9 +5,11 @@ PCollection of dead letters; every input row ends in features or in a dead lette
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +27,7 @@ from featurizers import audio, meta, text, visual
 from featurizers.audio import audio_features
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES, MEDIA_MODALITIES, FeatureSpec
 from featurizers.core.feature_table import NEEDS_COLUMN, rows_to_table
-from featurizers.core.storage import local_path
+from featurizers.core.storage import local_path, scheme_of
 from featurizers.decode import (
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_FRAME_SIZE,
@@ -34,6 +36,8 @@ from featurizers.decode import (
     DecodeError,
     DecodeLimits,
     decode_video,
+    estimate_decode_memory,
+    process_memory_budget,
 )
 from featurizers.meta import meta_features
 from featurizers.text import text_features
@@ -99,6 +103,9 @@ class FeaturizeConfig:
     max_duration_s: float = DecodeLimits.max_duration_s
     max_pixels: int = DecodeLimits.max_pixels
     max_decode_s: float = DecodeLimits.max_decode_s
+    # The worker process's decode memory (bytes, estimated; featurizers.decode.estimate_decode_memory):
+    # shared by every video it decodes at once, and the most one video may need (more: "max_memory").
+    max_memory: int = DecodeLimits.max_memory
     run_id: str = ""
     yamnet: bool = True
 
@@ -108,7 +115,8 @@ class FeaturizeConfig:
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(max_bytes=self.max_bytes, max_duration_s=self.max_duration_s,
-                            max_pixels=self.max_pixels, max_decode_s=self.max_decode_s)
+                            max_pixels=self.max_pixels, max_decode_s=self.max_decode_s,
+                            max_memory=self.max_memory)
 
 
 # ---------------------------------------------------------------- featurizers (built once per worker)
@@ -245,13 +253,19 @@ def _payload_bytes(value: Any) -> int:
 # ---------------------------------------------------------------- DoFns
 
 class ReadAndDecode(beam.DoFn):
-    """Read videos' bytes through Beam FileSystems (local or gs://) and decode frames, audio and facts.
+    """Read videos through Beam FileSystems (local or gs://) and decode frames, audio and facts.
 
     Decodes up to `decode_parallelism` videos at once on a thread pool, one decoder thread each, keeping
     twice that many rows in flight so that no thread waits for a slow video's neighbours; results leave
     in arrival order, the rest at the end of the bundle. A row's outcome does not depend on the others.
     Every row comes out either decoded, or as a dead letter plus an "undecoded" copy (so it still gets
     text and meta).
+
+    Memory does not grow with the videos: a local file is decoded where it lies and a remote one is first
+    copied to a local temporary file in 8 MiB chunks, so no video's bytes are held in memory; each decode's
+    estimated peak (from the header) is reserved from the process's `max_memory` budget before it starts,
+    waiting while the videos already decoding leave too little, and a video that would not fit alone is a
+    "max_memory" dead letter.
     """
 
     def __init__(self, config: FeaturizeConfig):
@@ -266,6 +280,8 @@ class ReadAndDecode(beam.DoFn):
         # One video alone may use the decoders' own threads; several at once get one thread each.
         self._decoder_threads = 1 if self._pool is not None else 0
         self._max_in_flight = 2 * parallelism
+        # One budget per process, shared with any other ReadAndDecode instance the runner runs in it.
+        self._budget = process_memory_budget(self._config.max_memory)
 
     def start_bundle(self):
         self._in_flight: deque = deque()
@@ -312,23 +328,26 @@ class ReadAndDecode(beam.DoFn):
 
         video_id = row["video_id"]
         try:
-            data = self._read(row["video_uri"])
+            with self._local_file(row["video_uri"]) as (path, n_bytes):
+                try:
+                    decoded = self._decode(row, path)
+                except DecodeError as err:
+                    stage = "limits" if err.reason.startswith("max_") or err.reason == "decode_timeout" else "decode"
+                    return None, n_bytes, error_row(video_id, stage, err.reason, str(err), self._config.run_id)
+                except Exception as err:
+                    return None, n_bytes, error_row(video_id, "decode", type(err).__name__, str(err),
+                                                    self._config.run_id)
         except DecodeError as err:
             return None, 0, error_row(video_id, "limits", err.reason, str(err), self._config.run_id)
         except Exception as err:  # unreadable storage must not fail the job
             return None, 0, error_row(video_id, "read", type(err).__name__, str(err), self._config.run_id)
-        try:
-            decoded = self._decode(row, data)
-        except DecodeError as err:
-            stage = "limits" if err.reason.startswith("max_") or err.reason == "decode_timeout" else "decode"
-            return None, len(data), error_row(video_id, stage, err.reason, str(err), self._config.run_id)
-        except Exception as err:
-            return None, len(data), error_row(video_id, "decode", type(err).__name__, str(err),
-                                              self._config.run_id)
         return ({"row": row, "frames": decoded.frames, "audio": decoded.audio,
-                 "facts": decoded.facts.as_dict()}, len(data), None)
+                 "facts": decoded.facts.as_dict()}, n_bytes, None)
 
-    def _read(self, uri: str) -> bytes:
+    @contextlib.contextmanager
+    def _local_file(self, uri: str):
+        """(local path, size): the file itself when local, else a temporary copy (deleted afterwards)
+        written in chunks, so the video's bytes are never held in memory."""
         from apache_beam.io.filesystems import FileSystems
 
         path = local_path(uri)
@@ -338,16 +357,38 @@ class ReadAndDecode(beam.DoFn):
         size = matched[0].size_in_bytes
         if size > self._config.max_bytes:
             raise DecodeError("max_bytes", f"{size} bytes exceeds max_bytes={self._config.max_bytes}")
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            return handle.read()
+        if scheme_of(uri) in ("", "file"):
+            yield path, size
+            return
+        descriptor, spool = tempfile.mkstemp(prefix="popcast-video-", suffix=os.path.splitext(path)[1][:16])
+        try:
+            with os.fdopen(descriptor, "wb") as out, \
+                    FileSystems.open(path, compression_type="uncompressed") as handle:
+                written = 0
+                while chunk := handle.read(_SPOOL_CHUNK):
+                    written += len(chunk)
+                    if written > self._config.max_bytes:   # grew since it was listed
+                        raise DecodeError("max_bytes", f"more than max_bytes={self._config.max_bytes} bytes")
+                    out.write(chunk)
+            yield spool, size
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(spool)
 
-    def _decode(self, row: dict, data: bytes):
+    def _decode(self, row: dict, path: str):
 
         # Audio is decoded only for rows that need audio features (0 s skips it; has_audio stays a fact).
         audio_seconds = self._config.audio_seconds if "audio" in row.get(NEEDS_COLUMN, ("audio",)) else 0.0
-        return decode_video(data, frames=self._config.frames, sampling=self._config.frame_sampling,
-                            size=self._config.frame_size, limits=self._config.limits(),
-                            audio_seconds=audio_seconds, num_threads=self._decoder_threads)
+        settings = dict(frames=self._config.frames, size=self._config.frame_size, limits=self._config.limits(),
+                        audio_seconds=audio_seconds, num_threads=self._decoder_threads)
+        # The header says how much memory the decode needs; wait for it, then decode (same estimate).
+        estimate = estimate_decode_memory(path, **settings)
+        with self._budget.reserve(estimate.total):
+            return decode_video(path, sampling=self._config.frame_sampling, **settings)
+
+
+# Remote videos are copied to a local temporary file this many bytes at a time.
+_SPOOL_CHUNK = 8 * 1024 * 1024
 
 
 class ValidateFrames(beam.DoFn):

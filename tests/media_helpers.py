@@ -185,3 +185,163 @@ def write_audio_only(path: PathLike, *, seconds: float = 1.0, rate: int = 44100)
         stream = container.add_stream("aac", rate=rate, layout="mono")
         _write_sine(container, stream, seconds, rate, 1)
     return path
+
+
+# --------------------------------------------------------------------------- adversarial media
+# Files that stress the decoder's memory rather than its correctness: hour-long tracks, 8K frames, a huge
+# audio track, a huge file. Each is written in about a second, from a few encoded packets repeated.
+
+def _sine_packets(rate: int, channels: int, seconds: float, bit_rate: int) -> list[tuple[bytes, int]]:
+    """(payload, duration in samples) of the AAC packets of a 440 Hz sine lasting `seconds`."""
+    layout = "mono" if channels == 1 else "stereo"
+    codec = av.CodecContext.create("aac", "w")
+    codec.sample_rate, codec.layout, codec.format, codec.bit_rate = rate, layout, "fltp", bit_rate
+    codec.time_base = Fraction(1, rate)
+    packets: list[tuple[bytes, int]] = []
+    total, chunk = int(round(seconds * rate)), 1024
+    for start in range(0, total, chunk):
+        t = (np.arange(start, start + chunk) / rate).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(np.tile(0.3 * np.sin(2 * np.pi * 440.0 * t), (channels, 1))
+                                           .astype(np.float32), format="fltp", layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+        packets += [(bytes(p), int(p.duration or chunk)) for p in codec.encode(frame)]
+    return packets
+
+
+def write_long_clip(path: PathLike, *, seconds: float = 3600.0, width: int = 16, height: int = 16,
+                    fps: int = 1, gop: int = 10, audio_seconds: float | None = None, audio_rate: int = 48000,
+                    audio_channels: int = 2, audio_bit_rate: int = 24000) -> Path:
+    """A long MP4 written fast: `seconds` of tiny H.264 frames at a low rate, and an AAC sine track
+    lasting `audio_seconds` (default: as long as the video; 0 = no audio).
+
+    The audio is one second of encoded sine whose packets repeat to the end, so an hour of 48 kHz stereo
+    is ~170k packets muxed in a few seconds; it decodes to a continuous 440 Hz tone. The container's
+    duration is the longer track's, as FFmpeg reports it.
+    """
+    path = Path(path)
+    audio_seconds = seconds if audio_seconds is None else audio_seconds
+    n_frames = max(1, int(round(seconds * fps)))
+    ramp = np.linspace(16, 240, n_frames).astype(np.uint8)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast", "crf": "40",
+                         "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0"}
+        audio = None
+        if audio_seconds > 0:
+            audio = container.add_stream("aac", rate=audio_rate,
+                                         layout="mono" if audio_channels == 1 else "stereo")
+        image = np.zeros((height, width, 3), dtype=np.uint8)
+        for index in range(n_frames):
+            image[...] = ramp[index]
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, fps)
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+        if audio is not None:
+            pieces = _sine_packets(audio_rate, audio_channels, 1.0, audio_bit_rate)
+            total = int(round(audio_seconds * audio_rate))
+            pts, index = 0, 0
+            while pts < total:
+                payload, duration = pieces[index % len(pieces)]
+                packet = av.Packet(payload)
+                packet.pts = packet.dts = pts
+                packet.duration = duration
+                packet.time_base = Fraction(1, audio_rate)
+                packet.stream = audio
+                container.mux(packet)
+                pts += duration
+                index += 1
+    return path
+
+
+def write_still_clip(path: PathLike, *, width: int = 7680, height: int = 4320, frames: int = 2,
+                     fps: int = 30, audio: bool = False) -> Path:
+    """A few frames of a very large picture (8K by default): flat grey with a white top-left marker.
+
+    Frames are built as uint8 directly (write_clip's float ramp would need 400 MB for one 8K frame).
+    """
+    path = Path(path)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast", "crf": "40",
+                         "x264-params": "bframes=0:scenecut=0:threads=2:lookahead-threads=1"}
+        image = np.full((height, width, 3), 128, dtype=np.uint8)
+        image[: height // 8, : width // 8] = 255
+        for index in range(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, fps)
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+        if audio:
+            stream = container.add_stream("aac", rate=44100, layout="mono")
+            _write_sine(container, stream, frames / fps, 44100, 1)
+    return path
+
+
+def write_padded(path: PathLike, *, pad_bytes: int, **clip_kwargs) -> Path:
+    """A valid MP4 (write_clip) followed by a `free` box of `pad_bytes` zeros: a huge file that
+    decodes like a tiny one (demuxers skip free boxes), for memory that scales with file size."""
+    path = Path(path)
+    write_clip(path, **clip_kwargs)
+    header = (pad_bytes + 16).to_bytes(8, "big")
+    with open(path, "ab") as handle:
+        handle.write((1).to_bytes(4, "big") + b"free" + header)    # 64-bit box size
+        chunk = bytes(1 << 20)
+        remaining = pad_bytes
+        while remaining > 0:
+            handle.write(chunk[:min(remaining, len(chunk))])
+            remaining -= len(chunk)
+    return path
+
+
+_MEASURE_DECODE = r"""
+import json, resource, sys
+from featurizers.decode import DecodeError, DecodeLimits, decode_video, estimate_decode_memory
+
+args = json.loads(sys.argv[1])
+limits = DecodeLimits(**args["limits"])
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+source = open(args["path"], "rb").read() if args["as_bytes"] else args["path"]
+result = {"baseline_rss": baseline, "file_bytes": len(source) if args["as_bytes"] else None}
+try:
+    estimate = estimate_decode_memory(source, limits=limits, **{k: v for k, v in args["kwargs"].items()
+                                                                   if k != "sampling"})
+    result.update(estimate=estimate.total, threads=estimate.threads)
+    decoded = decode_video(source, limits=limits, **args["kwargs"])
+    result.update(outcome="ok", sampling_used=decoded.sampling_used, frames_shape=list(decoded.frames.shape),
+                  audio_samples=None if decoded.audio is None else len(decoded.audio),
+                  duration_s=decoded.facts.duration_s)
+except DecodeError as error:
+    result.update(outcome=error.reason, message=error.message)
+result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(result))
+"""
+
+
+def measure_decode(path: PathLike, *, as_bytes: bool = False, limits: dict | None = None, **kwargs) -> dict:
+    """Decode `path` with featurizers.decode in a fresh Python process and report its peak memory.
+
+    The file is handed over as a path (as the pipeline does), or read into bytes first (`as_bytes`).
+    Returns a dict: outcome ("ok" or the DecodeError reason), peak_rss (the process's ru_maxrss, bytes),
+    baseline_rss (before the file was read and decoded: the interpreter and imports), estimate (the bytes
+    estimate_decode_memory reserved, when the limits let it through), threads, and for a decoded video
+    sampling_used, frames_shape, audio_samples, duration_s.
+    """
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    payload = json.dumps({"path": str(path), "as_bytes": as_bytes, "limits": limits or {}, "kwargs": kwargs})
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _MEASURE_DECODE, payload], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"decode subprocess failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,13 +12,17 @@ import pytest
 
 from featurizers.decode import (
     AUDIO_SAMPLE_RATE,
+    DEFAULT_MAX_MEMORY,
     DecodeError,
     DecodeLimits,
+    MemoryBudget,
     choose_indices,
     decode_video,
+    estimate_decode_memory,
     looks_like_video_container,
     mp4_display_rotation,
     pick_nearest_in_stream,
+    process_memory_budget,
     sample_keyframe_indices,
     uniform_indices,
 )
@@ -381,3 +385,172 @@ def test_real_clip_reference_sampling_equals_decord_at_the_same_frames() -> None
     reader = decord.VideoReader(io.BytesIO(data), width=64, height=64)
     same = reader.get_batch(indices.tolist()).asnumpy()
     assert np.abs(decoded.frames.astype(np.int16) - same.astype(np.int16)).mean() < 1.0
+
+
+# --------------------------------------------------------------------------- memory bounded by design
+
+# The bound a featurize worker must stay under, models and all (issue "Catalog scale", item 4).
+WORKER_RSS_BOUND = 2_500_000_000
+
+
+def test_max_memory_is_a_decode_error_reason_and_a_limit(clips) -> None:
+    assert "max_memory" in DecodeError.REASONS
+    assert DecodeLimits().max_memory == DEFAULT_MAX_MEMORY
+    with pytest.raises(DecodeError) as caught:
+        decode_video(clips["vertical"], frames=4, size=32, limits=DecodeLimits(max_memory=10 * 2**20))
+    assert caught.value.reason == "max_memory"
+    assert "estimated peak" in caught.value.message and "pictures" in caught.value.message
+
+
+def test_a_path_decodes_exactly_like_the_bytes(clips, tmp_path) -> None:
+    for name in ("vertical", "stereo48k", "rot90", "vfr"):
+        path = tmp_path / f"{name}.mp4"
+        path.write_bytes(clips[name])
+        from_bytes = decode_video(clips[name], frames=6, size=48)
+        from_path = decode_video(path, frames=6, size=48)
+        np.testing.assert_array_equal(from_path.frames, from_bytes.frames)
+        np.testing.assert_array_equal(from_path.frame_indices, from_bytes.frame_indices)
+        assert from_path.facts == from_bytes.facts and from_path.sampling_used == from_bytes.sampling_used
+        if from_bytes.audio is None:
+            assert from_path.audio is None
+        else:
+            np.testing.assert_array_equal(from_path.audio, from_bytes.audio)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(DecodeError, match="empty_file"):
+        decode_video(empty)
+
+
+@pytest.mark.parametrize("name", ["vertical", "stereo48k"])
+@pytest.mark.parametrize("seconds", [0.5, 30.0])
+def test_cut_audio_equals_the_start_of_a_whole_track_decode(clips, name: str, seconds: float) -> None:
+    # Only the first audio_seconds are cut out and decoded; the samples are those decord gives when it
+    # decodes the whole track (what popcast did before), bit for bit.
+    whole = decord.AudioReader(io.BytesIO(clips[name]), sample_rate=AUDIO_SAMPLE_RATE, mono=True)
+    expected = np.asarray(whole._array, dtype=np.float32).reshape(-1)[: int(seconds * AUDIO_SAMPLE_RATE)]
+    decoded = decode_video(clips[name], frames=2, size=32, audio_seconds=seconds)
+    np.testing.assert_array_equal(decoded.audio, expected)
+
+
+def test_estimate_grows_with_pixels_and_bytes_in_memory_not_with_a_path(clips, tmp_path) -> None:
+    small = estimate_decode_memory(clips["no_audio"], frames=4, size=32, num_threads=1)   # 128x96
+    large = estimate_decode_memory(clips["vertical"], frames=4, size=32, num_threads=1)   # 320x576
+    assert large.pictures > small.pictures > 0
+    assert small.file == 4 * len(clips["no_audio"])       # bytes are copied by decord
+    path = tmp_path / "vertical.mp4"
+    path.write_bytes(clips["vertical"])
+    from_path = estimate_decode_memory(path, frames=4, size=32, num_threads=1)
+    assert from_path.file == 0 and from_path.total < large.total
+    assert from_path.audio > 0 and estimate_decode_memory(path, frames=4, size=32, audio_seconds=0).audio == 0
+
+
+def test_decoder_threads_are_reduced_to_fit_before_refusing(clips) -> None:
+    data = clips["vertical"]
+    wide_open = estimate_decode_memory(data, frames=4, size=32, num_threads=16)
+    assert wide_open.threads == 16 and wide_open.num_threads == 16
+    one = estimate_decode_memory(data, frames=4, size=32, num_threads=1)
+    # A limit between the one-thread and the 16-thread estimates: fewer threads, same frames.
+    limits = DecodeLimits(max_memory=(one.total + wide_open.total) // 2)
+    fitted = estimate_decode_memory(data, frames=4, size=32, num_threads=16, limits=limits)
+    assert 1 <= fitted.threads < 16 and fitted.num_threads == fitted.threads and fitted.total <= limits.max_memory
+    reduced = decode_video(data, frames=4, size=32, num_threads=16, limits=limits)
+    np.testing.assert_array_equal(reduced.frames, decode_video(data, frames=4, size=32, num_threads=1).frames)
+    with pytest.raises(DecodeError, match="max_memory"):
+        estimate_decode_memory(data, frames=4, size=32, num_threads=16, limits=DecodeLimits(max_memory=one.total - 1))
+
+
+def test_memory_budget_waits_first_come_first_served_and_never_for_itself() -> None:
+    import threading
+
+    budget = MemoryBudget(100)
+    order: list[str] = []
+    with budget.reserve(70):
+        def take(name: str, n: int) -> None:
+            with budget.reserve(n):
+                order.append(name)
+
+        big = threading.Thread(target=take, args=("big", 60))
+        big.start()
+        while not budget._queue:                       # big is waiting in line
+            threading.Event().wait(0.01)
+        small = threading.Thread(target=take, args=("small", 30))   # would fit now, but big came first
+        small.start()
+        threading.Event().wait(0.1)
+        assert order == [] and budget.reserved == 70
+    big.join(5)
+    small.join(5)
+    assert sorted(order) == ["big", "small"] and budget.reserved == 0
+    with budget.reserve(10**12) as granted:            # capped at the capacity: no deadlock
+        assert granted == 100
+    assert process_memory_budget(123) is process_memory_budget(123)
+    with pytest.raises(ValueError):
+        MemoryBudget(0)
+
+
+# Adversarial media, each decoded in a fresh process whose peak RSS (ru_maxrss) is measured. Peak RSS
+# before this change / after, on a 2-core machine (the interpreter and imports are ~62 MiB of it):
+#   hour-long 16x16 1 fps clip with an hour of 48 kHz stereo AAC (limits raised): 1061 MiB, 12 s / 106 MiB, 1 s
+#   2 s clip with an hour of 48 kHz stereo AAC (limits raised):                 1057 MiB, 15 s / 105 MiB, 1.4 s
+#   8K 7680x4320, 2 frames, max_pixels raised: 304 MiB decoded / refused "max_memory" at the default budget
+#   a 400 MB file (tiny clip + padding): 1693 MiB / 86 MiB as a path; as bytes "max_memory" before decoding
+
+@pytest.fixture(scope="module")
+def adversarial(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adversarial")
+    return {
+        "hour": media.write_long_clip(root / "hour.mp4", seconds=3600.0),
+        "hour_of_audio": media.write_long_clip(root / "hour_of_audio.mp4", seconds=2.0, width=64, height=64,
+                                               fps=30, gop=30, audio_seconds=3600.0),
+        "8k": media.write_still_clip(root / "8k.mp4", width=7680, height=4320, frames=2),
+        "padded": media.write_padded(root / "padded.mp4", pad_bytes=200 * 2**20, width=64, height=64,
+                                     seconds=1.0),
+    }
+
+
+def _bounded(result: dict) -> None:
+    """The decode stayed under the worker bound and, when it ran, under its own estimate."""
+    assert result["peak_rss"] < WORKER_RSS_BOUND, result
+    if result["outcome"] == "ok":
+        assert result["peak_rss"] - result["baseline_rss"] <= result["estimate"], result
+
+
+@pytest.mark.parametrize("name, video_seconds", [("hour", 3600.0), ("hour_of_audio", 2.0)])
+def test_an_hour_of_video_or_audio_is_refused_by_default_and_bounded_when_allowed(adversarial, name: str,
+                                                                                  video_seconds: float) -> None:
+    refused = media.measure_decode(adversarial[name])          # the container lasts an hour either way
+    assert refused["outcome"] == "max_duration"
+    _bounded(refused)
+    allowed = media.measure_decode(adversarial[name], limits={"max_duration_s": 7200.0})
+    assert allowed["outcome"] == "ok" and allowed["duration_s"] == pytest.approx(video_seconds, abs=1.0)
+    assert allowed["audio_samples"] == 30 * AUDIO_SAMPLE_RATE          # only audio_seconds were decoded
+    _bounded(allowed)
+    # Before: decord decoded the whole hour of audio (~1 GB at its peak); now ~50 MB over the imports.
+    assert allowed["peak_rss"] - allowed["baseline_rss"] < 200 * 2**20, allowed
+
+
+def test_8k_frames_are_refused_by_pixels_then_memory_and_bounded_when_allowed(adversarial) -> None:
+    path = adversarial["8k"]
+    by_pixels = media.measure_decode(path)
+    assert by_pixels["outcome"] == "max_pixels"
+    _bounded(by_pixels)
+    # The probe decodes no frame: refusing an 8K file costs nothing like an 8K picture (50 MB each).
+    assert by_pixels["peak_rss"] - by_pixels["baseline_rss"] < 40 * 2**20, by_pixels
+    by_memory = media.measure_decode(path, limits={"max_pixels": 8192 * 4320})
+    assert by_memory["outcome"] == "max_memory" and "7680x4320" in by_memory["message"]
+    _bounded(by_memory)
+    allowed = media.measure_decode(path, limits={"max_pixels": 8192 * 4320, "max_memory": 2 * 2**30},
+                                   num_threads=1)
+    assert allowed["outcome"] == "ok" and allowed["frames_shape"] == [16, 224, 224, 3]
+    _bounded(allowed)
+
+
+def test_a_huge_file_costs_nothing_as_a_path_and_is_refused_as_bytes(adversarial) -> None:
+    path = adversarial["padded"]
+    as_path = media.measure_decode(path)
+    assert as_path["outcome"] == "ok" and as_path["audio_samples"] > 0
+    _bounded(as_path)
+    assert as_path["peak_rss"] - as_path["baseline_rss"] < 100 * 2**20, as_path    # the file is 200 MB
+    as_bytes = media.measure_decode(path, as_bytes=True)
+    assert as_bytes["outcome"] == "max_memory"       # decord would copy 200 MB ~3 more times
+    _bounded(as_bytes)
+    assert as_bytes["peak_rss"] - as_bytes["baseline_rss"] < as_bytes["file_bytes"] + 100 * 2**20, as_bytes
