@@ -31,6 +31,7 @@ EXTRAS_REQUIRE = {
     "dev": [
         "pytest>=8",
         "import-linter>=2.17",      # `make test` checks the floors (.importlinter)
+        "duckdb>=1.1",              # tests read the scored table the way users do
         "lightgbm>=4",
         "gcp-storage-emulator>=2024.8",
         "pyiceberg[sql-sqlite,pyarrow]>=0.9",

@@ -214,7 +214,7 @@ def popcast_score(paths: dict[str, str], output: str, runner: str, extra: list[s
     seconds, peak_mb, code = run_measured(command, torch_threads)
     if code not in (0, 3):
         raise RuntimeError(f"{runner}: popcast score exited {code}: {' '.join(command)}")
-    with open(os.path.join(output, "_runs", "bench.json")) as f:
+    with open(os.path.join(f"{output}.popcast", "runs", "bench.json")) as f:   # score records beside the table
         return seconds, json.load(f), peak_mb
 
 
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 assert written == args.rows, f"baseline wrote {written} of {args.rows} rows"
                 print(f"baseline run {repeat}: {seconds:.1f} s, peak {peak_mb:,.0f} MB", flush=True)
                 shutil.rmtree(out)
+                shutil.rmtree(f"{out}.popcast", ignore_errors=True)
             for runner in results:
                 out = os.path.join(work, f"{runner}-{repeat}")
                 seconds, summary, peak_mb = popcast_score(paths, out, runner, args.score_args.split(),
@@ -328,6 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"({summary['seconds']:.1f} s from pipeline start to published), peak {peak_mb:,.0f} MB",
                       flush=True)
                 shutil.rmtree(out)
+                shutil.rmtree(f"{out}.popcast", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = args.rows

@@ -34,6 +34,7 @@ from pipelines.history_transforms import CreatorHistory, prepare_history
 from pipelines.job import (
     JobArgumentParser,
     JobSummary,
+    RunPlaces,
     add_job_arguments,
     check_input_path,
     check_output_dir,
@@ -47,7 +48,7 @@ from pipelines.job import (
     positive_int,
     resolve_device,
     run_beam,
-    staging_dir,
+    start_run,
     utc_instant,
 )
 from pipelines.transforms import (
@@ -178,6 +179,9 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     """Run the featurize job; returns its summary. `test_pipeline` replaces the Beam pipeline in tests."""
     args, beam_args = parse_known_args(argv)
     run_id = args.run_id or new_run_id()
+    places = RunPlaces.inside(args.output)
+    record = start_run("featurize", argv, args.profile, beam_args, places, {"catalog": args.catalog},
+                       {"features": args.output})
     config = make_config(args, run_id)
     specs = feature_specs(config)
     catalog = read_catalog(args.catalog)
@@ -189,7 +193,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     stored = {m: spec for m, spec in specs.items() if m not in OPTIONAL_MODALITIES}
     done = {} if args.force else featurized_ids(args.output, stored)
     todo = rows_needing_work(catalog, done, list(specs))
-    staging = staging_dir(args.output, run_id)
+    staging = places.staging(run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")
     publish.write_table(todo, input_path)
     logging.info("featurize %s: %d rows in, %d need work", run_id, catalog.num_rows, todo.num_rows)
@@ -211,7 +215,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
         seconds=seconds, rows_worked=todo.num_rows, rows_dead_lettered=len(todo_ids & error_ids),
         max_error_fraction=args.max_error_fraction, videos_decoded=decoded,
         videos_per_s=decoded / seconds if seconds > 0 else 0.0, counters=counters)
-    finish(summary, args.output, staging)
+    finish(summary, record, places)
     return summary
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import importlib.metadata
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
+from apache_beam.version import __version__ as beam_version
 
 from featurizers.core import storage
 from featurizers.core.storage import join
@@ -37,8 +39,9 @@ __all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_USAGE", "EXIT_ROWS_UNACCOUNTED", "
            "DEFAULT_MAX_ERROR_FRACTION", "StrictArgumentParser", "JobArgumentParser", "beam_option_names",
            "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction", "open_fraction",
            "iso_date", "utc_instant", "device_name", "check_input_path", "check_output_dir", "debugging",
-           "user_message", "JobSummary", "add_job_arguments", "new_run_id", "resolve_device", "staging_dir",
-           "run_beam", "direct_runner_without_prism", "errors_by_reason", "finish", "job_main"]
+           "user_message", "JobSummary", "add_job_arguments", "new_run_id", "resolve_device", "RunPlaces",
+           "RunRecord", "start_run", "TABLE_STATE_SUFFIX", "run_beam", "direct_runner_without_prism",
+           "errors_by_reason", "finish", "job_main"]
 
 # Exit codes of `popcast featurize` and `popcast score` (documented in the README).
 EXIT_OK = 0
@@ -249,9 +252,67 @@ def resolve_device(device: str) -> str:
     return str(torch_device("auto"))
 
 
-def staging_dir(output: str, run_id: str) -> str:
-    """Where a run writes before it publishes: OUTPUT/_staging/<run_id>/."""
-    return join(output, "_staging", run_id)
+# A scored table's root holds only the table; a score run keeps its work and records beside it.
+TABLE_STATE_SUFFIX = ".popcast"
+# A staging folder nothing wrote to for this long belongs to a run that crashed; the next run removes it.
+STALE_STAGING_HOURS = 12.0
+
+
+@dataclass(frozen=True)
+class RunPlaces:
+    """Where a run stages its work, records itself and leaves its dead letters."""
+    staging_root: str
+    runs: str
+    errors: str
+
+    @classmethod
+    def inside(cls, output: str) -> "RunPlaces":
+        """featurize: DIR/_staging, DIR/_runs, DIR/_errors (readers of DIR/<modality>/ never look there)."""
+        return cls(join(output, "_staging"), join(output, "_runs"), join(output, "_errors"))
+
+    @classmethod
+    def beside_table(cls, table: str) -> "RunPlaces":
+        """score: TABLE.popcast/{staging,runs,errors}, so TABLE holds only dt= partitions and any reader
+        (polars, DuckDB, pyarrow) opens it as it is."""
+        state = table.rstrip("/") + TABLE_STATE_SUFFIX
+        return cls(join(state, "staging"), join(state, "runs"), join(state, "errors"))
+
+    def staging(self, run_id: str) -> str:
+        return join(self.staging_root, run_id)
+
+
+@dataclass
+class RunRecord:
+    """What the run record (RUNS/<run_id>.json) holds besides the summary."""
+    command: list[str]
+    runner: str
+    inputs: dict[str, str | None]
+    outputs: dict[str, str]
+    started_at: str
+    versions: dict[str, str]
+
+
+def start_run(job: str, argv: list[str] | None, profile: str | None, beam_args: list[str], places: RunPlaces,
+              inputs: dict[str, str | None], outputs: dict[str, str]) -> RunRecord:
+    """Note what the run is and where it reads and writes, and remove crashed runs' staging folders."""
+    publish.remove_stale_staging(places.staging_root, STALE_STAGING_HOURS)
+    options = expand(profile, beam_args)
+    flags = dict(a.lstrip("-").split("=", 1) for a in options if a.startswith("--") and "=" in a)
+    runner = flags.get("runner", "DirectRunner")
+    if runner == "DirectRunner":
+        runner += f" ({flags.get('direct_running_mode', 'in_memory')})"
+    return RunRecord(command=["popcast", job, *(sys.argv[1:] if argv is None else argv)], runner=runner,
+                     inputs=inputs, outputs={**outputs, "runs": places.runs, "errors": places.errors},
+                     started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     versions={"popcast": _version("popcast"), "apache-beam": beam_version,
+                               "python": sys.version.split()[0]})
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def run_beam(build: Callable[[beam.Pipeline], None], profile: str | None, beam_args: list[str],
@@ -330,10 +391,12 @@ class JobSummary:
         return f"  errors by reason: {errors}"
 
 
-def finish(summary: JobSummary, output: str, staging: str) -> None:
-    """Record the run (OUTPUT/_runs/<run_id>.json), drop its staging folder and print the summary."""
-    publish.write_run_summary(output, summary.run_id, asdict(summary))
-    publish.remove_staging(staging)
+def finish(summary: JobSummary, record: RunRecord, places: RunPlaces) -> None:
+    """Record the run (RUNS/<run_id>.json: the summary, command line, runner, versions, times, inputs and
+    outputs), drop its staging folder and print the summary."""
+    publish.write_run_summary(places.runs, summary.run_id, {
+        **asdict(summary), **asdict(record), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    publish.remove_staging(places.staging(summary.run_id))
     for line in summary.lines():
         print(line)
 

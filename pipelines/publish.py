@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -120,9 +120,33 @@ def _drop_ids(fs: pafs.FileSystem, files: list[str], ids: pa.ChunkedArray | pa.A
             fs.delete_file(path)
 
 
-def write_run_summary(output: str, run_id: str, summary: dict) -> None:
-    storage.write_bytes(storage.join(output, "_runs", f"{run_id}.json"),
-                        json.dumps(summary, indent=2, default=str).encode())
+def write_run_summary(runs_dir: str, run_id: str, summary: dict) -> None:
+    storage.write_bytes(storage.join(runs_dir, f"{run_id}.json"), json.dumps(summary, indent=2, default=str).encode())
+
+
+def remove_stale_staging(staging_root: str, older_than_hours: float) -> list[str]:
+    """Delete the staging folders of runs that crashed: every folder under `staging_root` whose newest file
+    is older than `older_than_hours` (a live run keeps writing, so its folder stays young). Returns them."""
+    fs, root = storage.filesystem_and_path(staging_root)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    cutoff = datetime.now(timezone.utc) - timedelta(hours=older_than_hours)
+    removed = []
+    for folder in fs.get_file_info(pafs.FileSelector(root)):
+        if folder.type != pafs.FileType.Directory:
+            continue
+        # Files only: creating a sub-folder is not work in progress, and folder times move with it.
+        times = [i.mtime for i in fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+                 if i.type == pafs.FileType.File and i.mtime is not None] or [folder.mtime]
+        times = [t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in times if t is not None]
+        newest = max(times) if times else None
+        if newest is not None and newest < cutoff:
+            fs.delete_dir(folder.path)
+            removed.append(folder.base_name)
+    if removed:
+        logging.info("removed the staging folders of %d abandoned runs under %s: %s", len(removed), staging_root,
+                     ", ".join(removed))
+    return removed
 
 
 def remove_staging(staging: str) -> None:
@@ -145,7 +169,7 @@ def staged_prediction_schema(schema: pa.Schema, catalog_schema: pa.Schema) -> pa
 
 
 def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, schema: pa.Schema,
-                       catalog: pa.Table) -> dict:
+                       catalog: pa.Table, work_dir: str | None = None) -> dict:
     """Replace TABLE/dt=D/ for every date this run owns with the run's rows of that date.
 
     The staged files hold staged_prediction_schema rows; each is attached here to its catalog row (by
@@ -168,7 +192,7 @@ def publish_partitions(staged_dir: str, output: str, dates: list, run_id: str, s
     counts = {}
     for day, lo, hi in zip(dates, starts.tolist(), stops.tolist()):
         rows = scored.slice(lo, hi - lo)
-        ready_uri = storage.join(output, "_staging", run_id, "partitions", f"dt={day}")
+        ready_uri = storage.join(work_dir or storage.join(output, "_staging", run_id), "partitions", f"dt={day}")
         _, ready = storage.filesystem_and_path(ready_uri)
         fs.create_dir(ready, recursive=True)
         pq.write_table(rows, f"{ready}/part-{run_id}.parquet", filesystem=fs, use_dictionary=dictionary)
@@ -206,8 +230,8 @@ def _swap_directory(fs: pafs.FileSystem, ready: str, target: str, run_id: str) -
     if isinstance(fs, pafs.LocalFileSystem):
         import os
         import shutil
-        if exists:
-            retired = f"{target.rsplit('/', 1)[0]}/_retired-{run_id}-{target.rsplit('/', 1)[1]}"
+        if exists:   # retired beside the ready folder: readers of the table never see it
+            retired = f"{ready.rsplit('/', 1)[0]}/_retired-{run_id}-{target.rsplit('/', 1)[1]}"
             os.rename(target, retired)
             os.rename(ready, target)
             shutil.rmtree(retired)
@@ -234,13 +258,13 @@ def partition_id_array(output: str, dates: list) -> pa.Array:
     return table.column("video_id").combine_chunks()
 
 
-def publish_errors(staging: str, output: str, run_id: str) -> pa.Table:
-    """Move the run's dead letters into OUTPUT/_errors/ and return them."""
-    fs, _ = storage.filesystem_and_path(output)
+def publish_errors(staging: str, errors_dir: str, run_id: str) -> pa.Table:
+    """Move the run's dead letters into ERRORS_DIR/<run_id>.parquet and return them."""
+    fs, _ = storage.filesystem_and_path(errors_dir)
     files = parquet_files(storage.join(staging, "_errors"))
     if not files:
         return ERRORS_SCHEMA.empty_table()
     errors = ds.dataset(files, filesystem=fs, format="parquet").to_table()
     if errors.num_rows:
-        write_table(errors, storage.join(output, "_errors", f"{run_id}.parquet"))
+        write_table(errors, storage.join(errors_dir, f"{run_id}.parquet"))
     return errors

@@ -49,6 +49,7 @@ from pipelines.iceberg_sink import overwrite_partitions
 from pipelines.job import (
     JobArgumentParser,
     JobSummary,
+    RunPlaces,
     add_job_arguments,
     check_input_path,
     check_output_dir,
@@ -61,7 +62,7 @@ from pipelines.job import (
     positive_float,
     resolve_device,
     run_beam,
-    staging_dir,
+    start_run,
 )
 from pipelines.score_transforms import ReadShard, ScoreHandler, ShardSources, ValidateShard, on_the_fly_config
 from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, FeaturizeRows, ToArrowTables, error_row
@@ -242,10 +243,9 @@ class ScorePlan:
     warnings: list[str]
 
 
-def plan_run(args: argparse.Namespace) -> ScorePlan:
+def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScorePlan:
     """Read the catalog and the model, decide which rows need on-the-fly features, stage the job's input:
     the rows to score sorted by video_id, cut into shards of about ROWS_PER_SHARD rows (or --shards shards)."""
-    run_id = args.run_id or new_run_id()
     device = resolve_device(args.device)
     catalog = read_catalog(args.catalog)
     dates = selected_dates(args, catalog)
@@ -265,7 +265,7 @@ def plan_run(args: argparse.Namespace) -> ScorePlan:
         raise ValueError(f"{on_the_fly} rows lack stored features and on-the-fly featurization would use "
                          f"other featurizer versions than the model's ({mismatched}); run `popcast featurize` "
                          "with the model's featurizer settings first")
-    staging = staging_dir(args.output, run_id)
+    staging = places.staging(run_id)
     featurize_input = storage.join(staging, "_input", "featurize.parquet")
     if on_the_fly:
         has_needs = pc.greater(pc.list_value_length(needs), 0)
@@ -335,7 +335,12 @@ def add_fresh_features(plan: ScorePlan) -> None:
 def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     """Run the score job; returns its summary. `test_pipeline` replaces the scoring Beam pipeline in tests."""
     args, beam_args = parse_known_args(argv)
-    plan = plan_run(args)
+    run_id = args.run_id or new_run_id()
+    places = RunPlaces.beside_table(args.output)
+    outputs = {"table": args.output, **({"iceberg": args.iceberg} if args.iceberg else {})}
+    record = start_run("score", argv, args.profile, beam_args, places, {
+        "catalog": args.catalog, "features": args.features, "model": args.model, "history": args.history}, outputs)
+    plan = plan_run(args, run_id, places)
     todo = plan.todo
     start = time.time()
     counters: dict[str, int] = {}
@@ -347,8 +352,8 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
                           beam_args, test_pipeline)
         counters = {k: counters.get(k, 0) + scored.get(k, 0) for k in {*counters, *scored}}
     partitions = publish.publish_partitions(storage.join(plan.staging, "scored"), args.output, plan.dates,
-                                            plan.run_id, plan.scored_schema, catalog=todo)
-    errors = publish.publish_errors(plan.staging, args.output, plan.run_id)
+                                            plan.run_id, plan.scored_schema, catalog=todo, work_dir=plan.staging)
+    errors = publish.publish_errors(plan.staging, places.errors, plan.run_id)
     if args.iceberg:
         overwrite_partitions(args.iceberg, args.output, plan.dates)
     seconds = time.time() - start
@@ -362,7 +367,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
             errors.column("video_id"), todo.column("video_id"))), mode="all").as_py(),
         seconds=seconds, rows_per_s=todo.num_rows / seconds if seconds > 0 else 0.0, counters=counters,
         warnings=plan.warnings)
-    finish(summary, args.output, plan.staging)
+    finish(summary, record, places)
     return summary
 
 

@@ -1,16 +1,22 @@
-"""The score job: idempotent date partitions, backfills, on-the-fly featurization, dead letters, sinks."""
+"""The score job: idempotent date partitions, backfills, on-the-fly featurization, dead letters, sinks; the
+scored table root holds only the table (polars, pyarrow, DuckDB read it as it is), records live beside it."""
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from featurizers.core.contracts import CATALOG_SCHEMA, PREDICTION_COLUMNS
 from pipelines.catalog import read_catalog
+from pipelines.publish import remove_stale_staging
 from pipelines.sample_catalog import generate_rows
 from pipelines.score import run as score
 
@@ -110,7 +116,7 @@ def test_invalid_feature_rows_become_dead_letters(trained, tmp_path):
     summary = score(["--catalog", str(root / "featured.parquet"), "--features", str(bad_features),
                      "--model", model, "--output", str(out), *DIRECT])
     assert summary.rows_unaccounted == 0
-    errors = pq.read_table(out / "_errors").to_pylist()
+    errors = pq.read_table(Path(f"{out}.popcast") / "errors").to_pylist()   # beside the table, not in it
     assert [(e["video_id"], e["stage"]) for e in errors] == [(victim, "validate")]
     assert "infinite" in errors[0]["message"]
     assert summary.rows_scored == 49
@@ -169,3 +175,61 @@ def test_a_horizon_outside_the_trained_ages_is_flagged(trained):
     (warning,) = horizon_warnings(low / 2, (low, high))
     assert "outside the ages the model was trained on" in warning and f"{low:.1f} days" in warning
     assert horizon_warnings(high * 2, (low, high)) and horizon_warnings(5.0, None) == []
+
+
+# ---------------------------------------------------------------- the scored table as readers see it
+@pytest.fixture(scope="module")
+def scored(trained, tmp_path_factory):
+    root, features, model = trained
+    table = tmp_path_factory.mktemp("scored") / "table"
+    days = sorted({busiest_date(root / "catalog.parquet")})
+    summary = score(["--catalog", str(root / "catalog.parquet"), "--features", features, "--model", model,
+                     "--output", str(table), "--start", days[0], "--end", days[0], *DIRECT])
+    assert summary.rows_scored > 0
+    return table, summary
+
+
+def test_the_table_root_holds_only_partitions(scored):
+    table, _ = scored
+    entries = {p.relative_to(table).as_posix() for p in table.rglob("*")}
+    assert entries and all(e.startswith("dt=") for e in entries), sorted(entries)
+    assert all(e.endswith(".parquet") for e in entries if "/" in e)
+
+
+def test_polars_pyarrow_and_duckdb_read_every_scored_row_once(scored):
+    import duckdb
+    import polars as pl
+
+    table, summary = scored
+    frame = pl.scan_parquet(str(table), hive_partitioning=True).collect()
+    assert frame.height == summary.rows_scored and frame["video_id"].n_unique() == frame.height
+    assert frame.schema["dt"] == pl.Date
+    arrow = ds.dataset(str(table), format="parquet", partitioning="hive").to_table()
+    assert arrow.num_rows == summary.rows_scored
+    rows, kind = duckdb.sql(f"SELECT count(*), any_value(typeof(dt)) FROM read_parquet('{table}/**/*.parquet', "
+                            "hive_partitioning=true)").fetchall()[0]
+    assert rows == summary.rows_scored and kind == "DATE"
+
+
+def test_the_run_record_says_what_ran(scored):
+    table, summary = scored
+    record = json.loads((Path(f"{table}.popcast") / "runs" / f"{summary.run_id}.json").read_text())
+    assert record["command"][:2] == ["popcast", "score"] and "--catalog" in record["command"]
+    assert record["runner"] == "DirectRunner (in_memory)"
+    assert record["versions"]["apache-beam"] and record["versions"]["popcast"]
+    assert record["started_at"] <= record["finished_at"]
+    assert record["outputs"]["table"] == str(table) and record["inputs"]["model"]
+    assert record["rows_scored"] == summary.rows_scored
+
+
+def test_abandoned_staging_folders_are_removed_live_ones_kept(tmp_path):
+    staging = tmp_path / "staging"
+    for name, age_hours in (("crashed", 30), ("running", 0)):
+        folder = staging / name / "scored"
+        folder.mkdir(parents=True)
+        part = folder / "part.parquet"
+        part.write_bytes(b"x")
+        past = time.time() - age_hours * 3600
+        os.utime(part, (past, past))
+    assert remove_stale_staging(str(staging), older_than_hours=12) == ["crashed"]
+    assert sorted(p.name for p in staging.iterdir()) == ["running"]
