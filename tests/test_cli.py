@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.sample_catalog import generate_rows
 from runners.cli import COMMANDS, main
 from tests.conftest import REAL_CATALOGS
 
@@ -35,7 +36,7 @@ def test_validate_accepts_real_catalogs(path):
 
 
 def test_validate_rejects_duplicate_video_id_naming_it(tmp_path):
-    table = pq.read_table(REAL_CATALOGS[0]).slice(0, 20)
+    table, _ = generate_rows(20, seed=4)   # a catalog any clone has (../shared is optional)
     duplicated = pa.concat_tables([table, table.slice(3, 1)])
     path = tmp_path / "dup.parquet"
     pq.write_table(duplicated, path)
