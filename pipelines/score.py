@@ -65,7 +65,7 @@ from pipelines.job import (
     start_run,
 )
 from pipelines.score_transforms import ReadShard, ScoreHandler, ShardSources, ValidateShard, on_the_fly_config
-from pipelines.transforms import ERRORS_TAG, FeaturizeConfig, FeaturizeRows, ToArrowTables, error_row
+from pipelines.transforms import ERRORS_TAG, CountAndLog, FeaturizeConfig, FeaturizeRows, ToArrowTables, error_row
 
 __all__ = ["parse_known_args", "selected_dates", "rows_of_dates", "ScoreSummary", "horizon_warnings",
            "build_inputs_pipeline", "build_pipeline", "ScorePlan", "plan_run", "stage_rows_to_score",
@@ -169,7 +169,7 @@ def build_inputs_pipeline(pipeline: beam.Pipeline, plan: "ScorePlan") -> None:
     STAGING/_fresh/<modality>/ (publish-free: they serve this run only)."""
     if plan.on_the_fly:
         rows = pipeline | "ReadRowsToFeaturize" >> ReadFromParquet(plan.featurize_input)
-        fresh = rows | "FeaturizeOnTheFly" >> FeaturizeRows(plan.featurize_config, plan.specs)
+        fresh = rows | "FeaturizeOnTheFly" >> FeaturizeRows(plan.featurize_config, plan.specs, plan.on_the_fly)
         for modality, spec in plan.specs.items():
             (fresh[modality]
              | f"Fresh{modality}ToArrow" >> ToArrowTables(spec.schema())
@@ -204,6 +204,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: "ScorePlan", model_dir: str, h
                                              plan.device))
     scored, failed = joined.valid | "Predict" >> RunInference(handler).with_exception_handling()
     (scored
+     | "Progress" >> beam.ParDo(CountAndLog("shards", len(plan.shard_ranges), every_s=10.0, unit="shards",
+                                            job="score"))
      | "Predictions" >> beam.Map(lambda kv: kv[1].inference)
      | "WriteScored" >> WriteToParquetBatched(storage.join(plan.staging, "scored", f"part-{plan.run_id}"),
                                               plan.staged_schema, file_name_suffix=".parquet"))
@@ -342,6 +344,8 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
         "catalog": args.catalog, "features": args.features, "model": args.model, "history": args.history}, outputs)
     plan = plan_run(args, run_id, places)
     todo = plan.todo
+    log.info("score %s: %d rows of %d dates in %d shards, %d to featurize on the fly", run_id, todo.num_rows,
+             len(plan.dates), len(plan.shard_ranges), plan.on_the_fly)
     start = time.time()
     counters: dict[str, int] = {}
     if plan.on_the_fly or (plan.history is not None and todo.num_rows):

@@ -460,12 +460,13 @@ def feature_row(result: tuple[str, PredictionResult], spec: FeatureSpec) -> dict
 
 
 class CountAndLog(beam.DoFn):
-    """Count rows per modality and log progress with rate and ETA (per worker)."""
+    """Count elements (rows per modality, score shards) and log progress with rate and ETA (per worker)."""
 
-    def __init__(self, name: str, expected: int, every_s: float = 15.0):
+    def __init__(self, name: str, expected: int, every_s: float = 15.0, unit: str = "rows", job: str = "featurize"):
         self._name = name
         self._expected = expected
         self._every_s = every_s
+        self._unit, self._job = unit, job
         self._counter = Metrics.counter(NAMESPACE, f"{name}_ok")
 
     def setup(self):
@@ -480,8 +481,9 @@ class CountAndLog(beam.DoFn):
         if now - self._last >= self._every_s:
             rate = self._seen / max(now - self._start, 1e-9)
             eta = max(self._expected - self._seen, 0) / rate if rate else float("inf")
-            logging.info("featurize %s: %d/%d rows in this worker, %.2f rows/s, ETA %.0f s",
-                         self._name, self._seen, self._expected, rate, eta)
+            logging.getLogger("popcast").info("%s %s: %d/%d %s in this worker, %.2f %s/s, ETA %.0f s", self._job,
+                                              self._name, self._seen, self._expected, self._unit, rate,
+                                              self._unit, eta)
             self._last = now
         yield element
 

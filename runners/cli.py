@@ -17,6 +17,8 @@ __all__ = ["COMMANDS", "main"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 os.environ.setdefault("NO_GCE_CHECK", "true")
+# Progress goes to popcast's log lines; model loaders' progress bars would interleave with them.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _validate(argv: list[str]) -> int:
