@@ -36,6 +36,7 @@ from pipelines.job import (
     JobSummary,
     RunPlaces,
     add_job_arguments,
+    add_media_root_argument,
     check_input_path,
     check_output_dir,
     errors_by_reason,
@@ -104,6 +105,7 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--max-decode-seconds", type=positive_float, default=_DEFAULTS.max_decode_s,
                         help="per-video decode time budget")
     parser.add_argument("--force", action="store_true", help="redo video_ids already featurized")
+    add_media_root_argument(parser)
     parser.add_argument("--history-curve-before", type=utc_instant, default=None, metavar="TIME",
                         help="fit the history age curve only on rows published before this ISO date/time "
                              "(for an evaluation: the start of the test period, so the curve never saw "
@@ -152,7 +154,7 @@ def make_config(args: argparse.Namespace, run_id: str) -> FeaturizeConfig:
         text_model=args.text_model, device=resolve_device(args.device), visual_batch_videos=args.visual_batch_videos,
         text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
         max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
-        yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism)
+        yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism, media_roots=tuple(args.media_root))
 
 
 def build_pipeline(pipeline: beam.Pipeline, input_path: str, staging: str, config: FeaturizeConfig,

@@ -41,7 +41,7 @@ __all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_USAGE", "EXIT_ROWS_UNACCOUNTED", "
            "iso_date", "utc_instant", "device_name", "check_input_path", "check_output_dir", "debugging",
            "user_message", "JobSummary", "add_job_arguments", "new_run_id", "resolve_device", "RunPlaces",
            "RunRecord", "start_run", "TABLE_STATE_SUFFIX", "run_beam", "direct_runner_without_prism",
-           "errors_by_reason", "finish", "job_main"]
+           "errors_by_reason", "finish", "job_main", "add_media_root_argument"]
 
 # Exit codes of `popcast featurize` and `popcast score` (documented in the README).
 EXIT_OK = 0
@@ -128,6 +128,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                              f"publishes what succeeded and prints its summary, then exits {EXIT_TOO_MANY_ERRORS}")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of a user error too (or set {DEBUG_ENV}=1)")
+
+
+def add_media_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--media-root", action="append", default=[], metavar="PREFIX",
+                        help="repeatable; when given, a video_uri outside every PREFIX (local dir or "
+                             "gs://bucket/prefix, after resolving .. and symlinks) becomes a dead letter "
+                             "read:outside_media_root instead of a read: for catalogs from upstream systems")
 
 
 # ---------------------------------------------------------------- argparse types: a bad value is a usage error

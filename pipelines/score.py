@@ -51,6 +51,7 @@ from pipelines.job import (
     JobSummary,
     RunPlaces,
     add_job_arguments,
+    add_media_root_argument,
     check_input_path,
     check_output_dir,
     errors_by_reason,
@@ -99,6 +100,7 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--history", default=None,
                         help="extra history source for creator-history features: an earlier labelled catalog or "
                              "scored table (the labelled rows of --catalog are always used)")
+    add_media_root_argument(parser)
     add_job_arguments(parser)
     args, beam_args = parser.parse_job_args(argv)
     if args.date and (args.start or args.end):
@@ -257,7 +259,7 @@ def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScoreP
     warnings = horizon_warnings(args.horizon_days, model.trained_age_days)
     for warning in warnings:
         log.warning(warning)
-    config, specs = on_the_fly_config(model, run_id, device)
+    config, specs = on_the_fly_config(model, run_id, device, tuple(args.media_root))
     stored = {m: f for m, f in model.featurizers.items() if m not in OPTIONAL_MODALITIES}
     needs = modalities_needed(todo, featurized_ids(args.features, stored), list(specs))
     on_the_fly = int(np.count_nonzero(pc.list_value_length(needs).to_numpy(zero_copy_only=False)))

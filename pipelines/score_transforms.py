@@ -232,7 +232,8 @@ class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, LoadedModel]):
 PACKAGED_TEXT_MODELS = {"text_minilm": None, "text_e5_multilingual": "e5-multilingual"}
 
 
-def on_the_fly_config(model, run_id: str, device: str) -> tuple[FeaturizeConfig, dict]:
+def on_the_fly_config(model, run_id: str, device: str, media_roots: tuple[str, ...] = ()
+                      ) -> tuple[FeaturizeConfig, dict]:
     """The featurize config that reproduces the model's featurizers (checked against their versions)."""
     modalities = tuple(m for m in DEFAULT_FEATURIZE_MODALITIES if m in model.layouts)
     frames = 16
@@ -240,5 +241,5 @@ def on_the_fly_config(model, run_id: str, device: str) -> tuple[FeaturizeConfig,
         frames = int(next(iter(model.layouts["visual"].sequences.values()))[0])
     text_name = model.featurizers.get("text", "").split("@")[0]
     config = FeaturizeConfig(modalities=modalities, frames=frames, device=device, run_id=run_id,
-                             text_model=PACKAGED_TEXT_MODELS.get(text_name))
+                             text_model=PACKAGED_TEXT_MODELS.get(text_name), media_roots=media_roots)
     return config, feature_specs(config)

@@ -27,7 +27,7 @@ from featurizers import audio, meta, text, visual
 from featurizers.audio import audio_features
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES, MEDIA_MODALITIES, FeatureSpec
 from featurizers.core.feature_table import NEEDS_COLUMN, rows_to_table
-from featurizers.core.storage import local_path, scheme_of
+from featurizers.core.storage import local_path, scheme_of, within_roots
 from featurizers.decode import (
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_FRAME_SIZE,
@@ -108,6 +108,9 @@ class FeaturizeConfig:
     max_memory: int = DecodeLimits.max_memory
     run_id: str = ""
     yamnet: bool = True
+    # When set, a video_uri outside these prefixes (after resolving .. and symlinks) is a dead letter,
+    # never a read: for catalogs that come from upstream systems.
+    media_roots: tuple[str, ...] = ()
 
     def resolved_decode_parallelism(self) -> int:
         """decode_parallelism, with 0 resolved on the machine that runs the decoder."""
@@ -327,6 +330,10 @@ class ReadAndDecode(beam.DoFn):
         """(decoded element or None, bytes read, dead letter or None); never raises."""
 
         video_id = row["video_id"]
+        if self._config.media_roots and not within_roots(row["video_uri"], self._config.media_roots):
+            return None, 0, error_row(video_id, "read", "outside_media_root",
+                                      f"{row['video_uri']} is outside --media-root "
+                                      f"{', '.join(self._config.media_roots)}", self._config.run_id)
         try:
             with self._local_file(row["video_uri"]) as (path, n_bytes):
                 try:

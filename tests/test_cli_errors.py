@@ -107,3 +107,37 @@ def test_a_gs_path_without_credentials_fails_fast_saying_what_to_set(files, caps
     err = usage_error(["featurize", "--catalog", "gs://popcast-no-such-bucket/catalog.parquet", "--output",
                        str(files["root"] / "f6")], capsys)
     assert "--catalog" in err and "GOOGLE_APPLICATION_CREDENTIALS" in err and "STORAGE_EMULATOR_HOST" in err
+
+
+@pytest.mark.parametrize("uri, inside", [
+    ("{root}/media/a.mp4", True),
+    ("{root}/media/sub/../a.mp4", True),
+    ("{root}/media/../secret.mp4", False),
+    ("{root}/media2/a.mp4", False),              # a sibling sharing the prefix's letters
+    ("{root}/media/link-out/x.mp4", False),      # a symlink leading out of the root
+    ("file://{root}/media/a.mp4", True),
+    ("gs://bucket/videos/a.mp4", True),
+    ("gs://bucket/videos/../private/a.mp4", False),
+    ("gs://bucket/videos-old/a.mp4", False),
+    ("gs://other/videos/a.mp4", False),
+])
+def test_media_roots_resolve_dots_and_symlinks(tmp_path, uri, inside):
+    from featurizers.core.storage import within_roots
+
+    (tmp_path / "media").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "media" / "link-out").symlink_to(tmp_path / "outside")
+    roots = (str(tmp_path / "media"), "gs://bucket/videos/")
+    assert within_roots(uri.format(root=tmp_path), roots) is inside
+
+
+def test_a_video_outside_the_media_root_is_a_dead_letter_not_a_read(files, capsys):
+    media = files["root"] / "media"
+    media.mkdir(exist_ok=True)
+    out = files["root"] / "f7"
+    # Rows v1 and v3 point at files beside the catalog, outside `media`: refused before any read.
+    assert main(["featurize", "--catalog", files["catalog"], "--output", str(out), "--modalities", "meta",
+                 "--media-root", str(media), "--max-error-fraction", "1", "--runner", "DirectRunner"]) == 0
+    errors = pq.read_table(out / "_errors").to_pylist()
+    assert sorted((e["video_id"], e["stage"], e["error_class"]) for e in errors) == [
+        ("v1", "read", "outside_media_root"), ("v3", "read", "outside_media_root")]

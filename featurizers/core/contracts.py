@@ -153,7 +153,8 @@ def readme_contracts() -> str:
         "### Catalog (input of every job)\n\n" + markdown_table(CATALOG_COLUMNS),
         "### Scored table (output of `popcast score`, `TABLE/dt=YYYY-MM-DD/`)\n\n"
         "Every catalog column, then:\n\n" + markdown_table(PREDICTION_COLUMNS),
-        "### Dead letters (featurize: `DIR/_errors/`; score: `TABLE.popcast/errors/`)\n\n" + markdown_table(ERROR_COLUMNS),
+        "### Dead letters (featurize: `DIR/_errors/`; score: `TABLE.popcast/errors/`)\n\n"
+        + markdown_table(ERROR_COLUMNS),
     ])
 
 

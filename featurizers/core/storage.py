@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 from datetime import timedelta
@@ -18,7 +19,7 @@ import pyarrow.fs as pafs
 
 __all__ = ["scheme_of", "local_path", "filesystem_and_path", "join", "exists", "read_bytes", "write_bytes",
            "cache_dir", "model_cache_dir", "download_model_dir", "local_model_dir", "gcs_filesystem", "unreachable",
-           "GCS_RETRY_SECONDS"]
+           "within_roots", "GCS_RETRY_SECONDS"]
 
 
 def scheme_of(uri: str) -> str:
@@ -166,3 +167,28 @@ def local_model_dir(source: str | os.PathLike, cache_root: Path | None = None) -
     if scheme:
         raise ValueError(f"unsupported model source scheme {scheme!r} in {text!r} (use a directory, file:// or gs://)")
     return text
+
+
+def within_roots(uri: str, roots: tuple[str, ...] | list[str]) -> bool:
+    """Whether `uri` lies under one of `roots` (local directories, file:// or gs://bucket/prefix) once `..`
+    segments and, for local paths, symlinks are resolved. A root matches whole path segments only:
+    /data/media does not contain /data/media2/x.mp4."""
+    scheme = scheme_of(uri)
+    for root in roots:
+        if scheme_of(root) == "gs" and scheme == "gs":
+            if _under(_gcs_key(uri), _gcs_key(root)):
+                return True
+        elif scheme_of(root) in ("", "file") and scheme in ("", "file"):
+            if _under(os.path.realpath(local_path(uri)), os.path.realpath(local_path(root))):
+                return True
+    return False
+
+
+def _gcs_key(uri: str) -> str:
+    parsed = urlparse(uri)
+    return "/" + parsed.netloc + posixpath.normpath("/" + parsed.path.lstrip("/")).rstrip("/")
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root + "/") or root == "/"
