@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export NO_GCE_CHECK := true
 
-.PHONY: install lint-imports demo test test-slow bench clean cluster-up cluster-down test-cluster
+.PHONY: install lint-imports demo test test-slow bench clean cluster-up cluster-down test-cluster test-dag
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -51,6 +51,21 @@ cluster-down:
 
 test-cluster: $(VENV)/.popcast-cluster
 	$(PY) -m pytest -q -s -m slow tests/test_cluster.py
+
+# The nightly Airflow DAG (deploy/airflow_dag.py, tests/test_dag.py) run on a real Airflow, in a venv of its
+# own (Airflow's pins would fight popcast's in .venv), with a throwaway AIRFLOW_HOME. Airflow 2:
+# `make test-dag AIRFLOW_VERSION=2.11.2 AIRFLOW_VENV=.venv-airflow2`.
+test-dag:
+	@venv="$(or $(AIRFLOW_VENV),.venv-airflow)"; version="$(or $(AIRFLOW_VERSION),3.3.2)"; \
+	if [ ! -f "$$venv/.airflow-$$version" ]; then \
+		{ [ -x "$$venv/bin/python" ] || $(PYTHON) -m venv "$$venv"; } && \
+		"$$venv/bin/python" -m pip install --quiet --upgrade pip && \
+		"$$venv/bin/python" -m pip install --quiet "apache-airflow==$$version" "pytest>=8" && \
+		rm -f "$$venv"/.airflow-* && touch "$$venv/.airflow-$$version" || exit 1; \
+	fi; \
+	home=$$(mktemp -d); \
+	AIRFLOW_HOME=$$home "$$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_dag.py; status=$$?; \
+	rm -rf "$$home"; exit $$status
 
 bench: $(STAMP)
 	$(PY) -m bench.featurize

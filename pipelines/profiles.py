@@ -44,6 +44,11 @@ def spark_runner_jar() -> Path | None:
 
 SPARK_JOB_ENDPOINT = f"localhost:{DEFAULT_PORTS['spark_job']}"
 FLINK_JOB_ENDPOINT = f"localhost:{DEFAULT_PORTS['flink_job']}"
+# Dataflow ships the code to workers with this setup.py, named by an absolute path: the launcher may run in
+# any folder (Airflow's BashOperator runs in a temporary one). POPCAST_SETUP_FILE overrides it, e.g. for a
+# non-editable install whose package folder has no setup.py beside it.
+SETUP_FILE = Path(os.environ.get("POPCAST_SETUP_FILE")
+                  or Path(__file__).resolve().parents[1] / "setup.py").resolve()
 # One NVIDIA L4 per worker; Dataflow installs the driver. L4 GPUs need G2 machine types.
 DATAFLOW_GPU_SERVICE_OPTION = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
 
@@ -61,9 +66,9 @@ PROFILES: dict[str, list[str]] = {
     "flink": ["--runner=PortableRunner", f"--job_endpoint={FLINK_JOB_ENDPOINT}", "--environment_type=LOOPBACK",
               "--parallelism=2"],
     # Dataflow: project/region/temp_location come from the user's flags (checked in expand()).
-    "dataflow": ["--runner=DataflowRunner", "--setup_file=./setup.py", "--save_main_session",
+    "dataflow": ["--runner=DataflowRunner", f"--setup_file={SETUP_FILE}", "--save_main_session",
                  "--experiments=use_runner_v2"],
-    "dataflow-gpu": ["--runner=DataflowRunner", "--setup_file=./setup.py", "--save_main_session",
+    "dataflow-gpu": ["--runner=DataflowRunner", f"--setup_file={SETUP_FILE}", "--save_main_session",
                      "--experiments=use_runner_v2", "--machine_type=g2-standard-4",
                      f"--dataflow_service_options={DATAFLOW_GPU_SERVICE_OPTION}"],
 }
