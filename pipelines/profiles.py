@@ -19,16 +19,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_PORTS", "JAVA_FALLBACK_VERSION", "SPARK_RUNNER_ARTIFACT", "jars_dir", "spark_runner_jar",
-           "PROFILES", "expand"]
+__all__ = ["DEFAULT_PORTS", "JAVA_VERSION_ENV", "ALLOW_MISMATCH_ENV", "SPARK_RUNNER_ARTIFACT", "jars_dir",
+           "beam_sdk_version", "job_server_version", "spark_runner_jar", "PROFILES", "expand"]
 
 # The local clusters (`make cluster-up`, runners/clusters/local.py) listen on these loopback ports and cache
 # their job-server jars here; the spark and flink profiles below point at them.
 DEFAULT_PORTS = {"spark_master": 7077, "spark_master_ui": 8080, "spark_worker_ui": 8081,
                  "spark_job": 8199, "flink_job": 8299}
-# Newest Beam Java release whose runner, job-service and fn-execution artifacts (and all their
-# dependencies) resolve from Maven Central on our machines (2.70.0 lacks beam-runners-java-job-service).
-JAVA_FALLBACK_VERSION = os.environ.get("POPCAST_BEAM_JAVA_VERSION", "2.62.0")
+# The Spark/Flink job servers run the Beam Java release equal to the installed Python SDK's version (Beam
+# supports only matching pairs). POPCAST_BEAM_JAVA_VERSION picks another release, and is refused unless
+# POPCAST_ALLOW_BEAM_VERSION_MISMATCH=1 says the mismatch is meant (runners/clusters/local.py).
+JAVA_VERSION_ENV = "POPCAST_BEAM_JAVA_VERSION"
+ALLOW_MISMATCH_ENV = "POPCAST_ALLOW_BEAM_VERSION_MISMATCH"
 SPARK_RUNNER_ARTIFACT = "beam-runners-spark-3"
 
 
@@ -36,9 +38,21 @@ def jars_dir() -> Path:
     return Path(os.environ.get("POPCAST_JARS_DIR", Path.home() / ".cache" / "popcast" / "jars"))
 
 
+def beam_sdk_version() -> str:
+    """The installed Beam Python SDK's version, e.g. 2.70.0."""
+    from apache_beam.version import __version__
+    return __version__
+
+
+def job_server_version() -> str:
+    """The Beam Java version of the local job servers: the SDK's own unless $POPCAST_BEAM_JAVA_VERSION
+    overrides it (checked, not just read, by runners/clusters/local.py)."""
+    return os.environ.get(JAVA_VERSION_ENV) or beam_sdk_version()
+
+
 def spark_runner_jar() -> Path | None:
     """The cached Beam Spark runner jar of the assembled local job server, if there is one."""
-    name = f"{SPARK_RUNNER_ARTIFACT}-{JAVA_FALLBACK_VERSION}"
+    name = f"{SPARK_RUNNER_ARTIFACT}-{job_server_version()}"
     path = jars_dir() / name / f"{name}.jar"
     return path if path.exists() else None
 

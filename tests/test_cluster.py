@@ -161,6 +161,9 @@ def test_spark_cluster_is_a_real_standalone_cluster(spark_cluster):
     master_log = (state / "master.log").read_text()
     assert master_log.count("Registering worker 127.0.0.1") == 2
     assert spark_cluster.job_server["source"] in ("official", "assembled")
+    # A supported pair: the job server at the Python SDK's Beam version.
+    assert spark_cluster.job_server["version"] == spark_cluster.job_server["sdk_version"] == \
+        clusters.beam_python_version()
 
 
 def test_featurize_and_score_on_spark_equal_the_direct_runner(inputs, direct_outputs, spark_cluster, tmp_path):
@@ -178,6 +181,7 @@ def test_featurize_and_score_on_spark_equal_the_direct_runner(inputs, direct_out
 
 
 def test_featurize_and_score_on_flink_equal_the_direct_runner(inputs, direct_outputs, flink_server, tmp_path):
+    assert flink_server.job_server["version"] == clusters.beam_python_version()
     engine = ["--profile", "flink", f"--job_endpoint={flink_server.job_endpoint}"]
     featurized = _timed("flink featurize", _featurize, inputs, tmp_path / "features", engine)
     assert featurized.rows_unaccounted == 0

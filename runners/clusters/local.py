@@ -1,6 +1,6 @@
 """Start and stop a Spark standalone cluster and Beam job servers on 127.0.0.1.
 
-    python -m runners.clusters.local fetch               # cache the Beam runner jars (Maven Central)
+    python -m runners.clusters.local fetch               # cache the Beam job-server jars (Maven Central)
     python -m runners.clusters.local up spark|flink|all  # start; prints the Beam flags to use
     python -m runners.clusters.local status
     python -m runners.clusters.local down spark|flink|all
@@ -11,19 +11,29 @@ to that master. Flink: Beam's Flink job server with its embedded cluster (`--fli
 Python SDK workers run LOOPBACK, in the submitting process. Everything binds to 127.0.0.1; logs and
 pid files live in the state directory (default ~/.cache/popcast/cluster, or $POPCAST_CLUSTER_STATE).
 
-Job-server jars. Beam publishes a ready job server (`beam-runners-spark-3-job-server`,
-`beam-runners-flink-1.xx-job-server`) at each release; `fetch` tries that jar at the installed Beam
-version first. Where Maven Central does not serve it (the case on our machines: 404 for every version),
-`fetch` assembles the same job server from its parts: the runner artifact, which contains the job-server
-main class, plus its runtime dependencies, resolved by Maven at the newest Beam Java release whose parts
-all resolve (JAVA_FALLBACK_VERSION). The Python SDK (2.77) talks to that runner over the portable
-Runner/Fn API protos; the integration test checks the outputs against the DirectRunner's.
+Job-server jars. Beam supports an SDK only with the job server of the same Beam release, so the job
+servers run at the installed Python SDK's version (`java_version()`). Beam publishes a ready job server
+(`beam-runners-spark-3-job-server`, `beam-runners-flink-1.xx-job-server`) at each release; `fetch`
+tries that jar first. Where Maven Central does not serve it (the case on our machines: 404 for every
+version), `fetch` assembles the same job server from its parts at the same version: the runner artifact,
+which contains the job-server main class, plus its runtime dependencies, resolved by Maven. At 2.70.0,
+the newest release whose Spark 3 and Flink 1.19 runners Maven Central serves here, one part is missing:
+beam-runners-java-job-service (JobServerDriver, InMemoryJobService) has neither jar nor pom. `fetch` then
+compiles it from the published sources named in JOB_SERVICE_SOURCES against that release's dependencies
+(needs a JDK, javac) and resolves the job server with Maven from a local repository of its own under the
+jars directory, so the built part never enters ~/.m2.
+
+A job server at another Beam version ($POPCAST_BEAM_JAVA_VERSION) is refused with a ClusterError unless
+$POPCAST_ALLOW_BEAM_VERSION_MISMATCH=1: Beam does not support mixed pairs. The integration test
+(tests/test_cluster.py) checks the engines' outputs against the DirectRunner's.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,18 +43,32 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipelines.profiles import DEFAULT_PORTS, JAVA_FALLBACK_VERSION, SPARK_RUNNER_ARTIFACT, jars_dir
+from pipelines.profiles import (ALLOW_MISMATCH_ENV, DEFAULT_PORTS, JAVA_VERSION_ENV, SPARK_RUNNER_ARTIFACT,
+                                beam_sdk_version, jars_dir)
 
-__all__ = ["ClusterError", "default_state_dir", "beam_python_version", "JobServerJars", "job_server_jars",
-           "spark_home", "free_port", "ClusterInfo", "spark_up", "flink_up", "down", "status", "main"]
+__all__ = ["ClusterError", "default_state_dir", "beam_python_version", "java_version", "JobServerJars",
+           "job_server_jars", "spark_home", "free_port", "ClusterInfo", "spark_up", "flink_up", "down", "status",
+           "main"]
 
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
-# Newest Flink 1.x line with a published Beam runner artifact we can resolve (Beam 2.77's Python SDK
-# lists job servers for Flink 1.19, 1.20, 2.0, 2.1, 2.2; only the 1.19 runner is served here).
+# Flink line of the Flink job server. Maven Central serves here only the 1.19 runner at 2.70.0
+# (beam-runners-flink-1.19; no 1.17, 1.18, 1.20 or 2.x runner at any release from 2.62.0 on).
 FLINK_LINE = "1.19"
+# Parts of a job server that Maven Central does not serve at a Beam release, compiled from the published
+# sources of another release (its -sources.jar, and its pom with the Beam versions set to the target):
+# {artifact: {target version: source version}}. Checked for 2.70.0 <- 2.65.0: the module's sources
+# differ from 2.62.0 to 2.65.0 only in the vendored gRPC package, which 2.70.0 still uses
+# (beam-vendor-grpc-1_69_0); they compile against the 2.70.0 dependencies into the official 2.65.0 jar's
+# classes (same bytecode up to constant-pool numbering); every reference from the 2.70.0 Spark 3 and
+# Flink 1.19 runners into the module resolves to them; and tests/test_cluster.py passes on them.
+JOB_SERVICE = "beam-runners-java-job-service"
+JOB_SERVICE_SOURCES = {JOB_SERVICE: {"2.70.0": "2.65.0"}}
+# AutoValue annotation processor for those sources (JobPreparation is an @AutoValue class).
+AUTO_VALUE_PROCESSOR = "com.google.auto.value:auto-value:1.10.4"
 # Loopback only: these clusters must never listen on, or talk to, anything else.
 HOST = "127.0.0.1"
 # Java 17 needs these opens for Spark's and Flink's reflection (the same list Beam's Python launcher uses).
@@ -66,8 +90,19 @@ def default_state_dir() -> Path:
 
 
 def beam_python_version() -> str:
-    from apache_beam.version import __version__
-    return __version__
+    return beam_sdk_version()
+
+
+def java_version() -> str:
+    """The Beam Java version of the job servers: the installed Python SDK's. Another version given in
+    $POPCAST_BEAM_JAVA_VERSION is a ClusterError unless $POPCAST_ALLOW_BEAM_VERSION_MISMATCH=1."""
+    sdk = beam_python_version()
+    wanted = os.environ.get(JAVA_VERSION_ENV) or sdk
+    if wanted != sdk and os.environ.get(ALLOW_MISMATCH_ENV) != "1":
+        raise ClusterError(f"{JAVA_VERSION_ENV}={wanted} but the Beam Python SDK is {sdk}: Beam supports a job "
+                           f"server only with the SDK of the same release. Unset {JAVA_VERSION_ENV}, or install "
+                           f"apache-beam=={wanted}, or set {ALLOW_MISMATCH_ENV}=1 to run the unsupported pair")
+    return wanted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +118,7 @@ class JobServerJars:
     classpath: list[str]
     runner_jar: str        # the jar holding the runner itself (staged to Spark executors)
     notes: list[str] = field(default_factory=list)
+    sdk_version: str = ""  # the Beam Python SDK it was chosen for
 
 
 ENGINES = {
@@ -101,13 +137,30 @@ def _download(url: str, dest: Path) -> None:
     partial.replace(dest)
 
 
+def _beam_url(artifact: str, version: str, suffix: str = ".jar") -> str:
+    return f"{MAVEN_CENTRAL}/org/apache/beam/{artifact}/{version}/{artifact}-{version}{suffix}"
+
+
+def _served(url: str) -> bool:
+    """Whether Maven Central answers `url` (HEAD)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30):
+            return True
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return False
+        raise ClusterError(f"HEAD {url}: HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise ClusterError(f"HEAD {url}: {err}") from err
+
+
 def _try_official(engine: str, version: str) -> tuple[Path | None, str]:
     """Beam's own job-server jar at `version`, cached; (None, why) when Maven Central does not serve it."""
     artifact = ENGINES[engine]["job_server"]
     dest = jars_dir() / f"{artifact}-{version}.jar"
     if dest.exists():
         return dest, "cached"
-    url = f"{MAVEN_CENTRAL}/org/apache/beam/{artifact}/{version}/{artifact}-{version}.jar"
+    url = _beam_url(artifact, version)
     try:
         _download(url, dest)
     except urllib.error.HTTPError as err:
@@ -117,14 +170,100 @@ def _try_official(engine: str, version: str) -> tuple[Path | None, str]:
     return dest, url
 
 
+def _mvn(args: list[str], what: str, timeout_s: float = 1200) -> None:
+    done = subprocess.run(["mvn", "-q", "-B", *args], capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+        raise ClusterError(f"mvn could not {what}:\n{tail}")
+
+
+def _private_repo() -> Path:
+    """Maven's local repository for job servers with built parts: their own, never ~/.m2."""
+    return jars_dir() / "m2"
+
+
+def _built_jar(artifact: str, version: str) -> Path:
+    return _private_repo() / "org" / "apache" / "beam" / artifact / version / f"{artifact}-{version}.jar"
+
+
+def _build_part(artifact: str, version: str) -> None:
+    """Compile org.apache.beam:ARTIFACT:VERSION from the published sources that JOB_SERVICE_SOURCES names
+    and install it (jar + pom) into _private_repo(), where the job server's Maven resolution finds it."""
+    source = JOB_SERVICE_SOURCES.get(artifact, {}).get(version)
+    dest = _built_jar(artifact, version).parent
+    if _built_jar(artifact, version).exists():
+        return
+    if source is None:
+        raise ClusterError(f"Maven Central serves no org.apache.beam:{artifact}:{version} "
+                           f"({_beam_url(artifact, version)} answers 404) and JOB_SERVICE_SOURCES in {__file__} "
+                           f"names no sources to build it from: pin apache-beam to a release whose job server "
+                           f"resolves (2.70.0 here)")
+    for tool in ("mvn", "javac"):
+        if shutil.which(tool) is None:
+            raise ClusterError(f"{tool} is needed to build {artifact}:{version}: apt-get install maven "
+                               f"openjdk-17-jdk-headless")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _download(_beam_url(artifact, source, "-sources.jar"), work / "sources.jar")
+        _download(_beam_url(artifact, source, ".pom"), work / "source.pom")
+        # The source release's pom, at the target version: its Beam dependencies move with it, the
+        # third-party ones stay (the target release's runner pom mediates them as it would the original).
+        pom = re.sub(rf"<version>{re.escape(source)}</version>", f"<version>{version}</version>",
+                     (work / "source.pom").read_text())
+        (work / "pom.xml").write_text(pom)
+        repo = f"-Dmaven.repo.local={_private_repo()}"
+        _mvn([repo, "-f", str(work / "pom.xml"), "dependency:build-classpath", "-DincludeScope=compile",
+              f"-Dmdep.outputFile={work / 'classpath.txt'}"], f"resolve the dependencies of {artifact}:{version}")
+        _mvn([repo, "-f", str(work / "pom.xml"), "dependency:copy", f"-Dartifact={AUTO_VALUE_PROCESSOR}",
+              f"-DoutputDirectory={work / 'processor'}"], f"fetch {AUTO_VALUE_PROCESSOR}")
+        with zipfile.ZipFile(work / "sources.jar") as sources:
+            sources.extractall(work / "src")
+        java = sorted(str(p) for p in (work / "src").rglob("*.java"))
+        classes = work / "classes"
+        classes.mkdir()
+        # Java 8 bytecode, like the Beam runners that load it.
+        done = subprocess.run(["javac", "--release", "8", "-nowarn", "-encoding", "UTF-8", "-d", str(classes),
+                               "-processorpath", ":".join(str(p) for p in (work / "processor").glob("*.jar")),
+                               "-cp", (work / "classpath.txt").read_text().strip(), *java],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise ClusterError(f"javac could not compile {artifact} {source} sources against Beam {version}:\n"
+                               + "\n".join(done.stderr.strip().splitlines()[-10:]))
+        jar = work / f"{artifact}-{version}.jar"
+        with zipfile.ZipFile(jar, "w", zipfile.ZIP_DEFLATED) as out:
+            out.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\r\nAutomatic-Module-Name: "
+                         f"org.apache.beam.runners.jobservice\r\nCreated-By: popcast runners/clusters/local.py "
+                         f"from {artifact}-{source}-sources.jar\r\n\r\n")
+            for extra in ("META-INF/LICENSE", "META-INF/NOTICE"):
+                if (work / "src" / extra).exists():
+                    out.write(work / "src" / extra, extra)
+            for path in sorted(classes.rglob("*.class")):
+                out.write(path, path.relative_to(classes).as_posix())
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, path in ((f"{artifact}-{version}.pom", work / "pom.xml"), (f"{artifact}-{version}.jar", jar)):
+            shutil.copyfile(path, dest / (name + ".part"))
+            (dest / f"{name}.sha1").write_text(hashlib.sha1(path.read_bytes()).hexdigest())
+            (dest / (name + ".part")).replace(dest / name)   # the jar last: its presence means done
+
+
 def _assemble(engine: str, version: str) -> Path:
-    """Resolve the runner artifact and its runtime dependencies with Maven into jars_dir()/NAME-VERSION/."""
+    """Resolve the runner artifact and its runtime dependencies with Maven into jars_dir()/NAME-VERSION/.
+    A part Maven Central does not serve at `version` is built first (_build_part); Maven then resolves
+    everything into _private_repo() instead of ~/.m2."""
     runner = ENGINES[engine]["runner"]
     target = jars_dir() / f"{runner}-{version}"
     if (target / ".complete").exists():
         return target
     if shutil.which("mvn") is None:
         raise ClusterError("Maven (mvn) is needed to assemble the Beam job server: apt-get install maven")
+    if not _served(_beam_url(runner, version, ".pom")):
+        raise ClusterError(f"Maven Central serves no org.apache.beam:{runner}:{version} (nor its job-server jar): "
+                           f"no {engine} job server at the SDK's Beam version; pin apache-beam to a release "
+                           f"whose runners resolve (2.70.0 here)")
+    repo_args: list[str] = []
+    if not _served(_beam_url(JOB_SERVICE, version, ".pom")):
+        _build_part(JOB_SERVICE, version)
+        repo_args = [f"-Dmaven.repo.local={_private_repo()}"]
     with tempfile.TemporaryDirectory() as work:
         pom = Path(work) / "pom.xml"
         pom.write_text(f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
@@ -135,12 +274,8 @@ def _assemble(engine: str, version: str) -> Path:
 </project>""")
         partial = target.with_name(target.name + ".part")
         shutil.rmtree(partial, ignore_errors=True)
-        cmd = ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", "-DincludeScope=runtime",
-               f"-DoutputDirectory={partial}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-        if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
-            raise ClusterError(f"mvn could not resolve org.apache.beam:{runner}:{version}:\n{tail}")
+        _mvn([*repo_args, "-f", str(pom), "dependency:copy-dependencies", "-DincludeScope=runtime",
+              f"-DoutputDirectory={partial}"], f"resolve org.apache.beam:{runner}:{version}")
     if not (partial / f"{runner}-{version}.jar").exists():
         raise ClusterError(f"mvn resolved the dependencies of {runner}:{version} but not the runner jar itself")
     shutil.rmtree(target, ignore_errors=True)
@@ -155,31 +290,35 @@ _ENGINE_OWNED_PREFIXES = ("jackson-", "slf4j-", "log4j-")
 
 
 def job_server_jars(engine: str, *, offline: bool = False) -> JobServerJars:
-    """The job server for `engine`: Beam's official jar at the SDK's version if Maven Central serves it,
-    else the runner assembled at JAVA_FALLBACK_VERSION (see the module docstring). `offline` uses only
-    the cache."""
+    """The job server for `engine` at the installed SDK's Beam version (java_version()): Beam's official
+    jar if Maven Central serves it, else the runner assembled at that same version (see the module
+    docstring). `offline` uses only the cache."""
     if engine not in ENGINES:
         raise ClusterError(f"unknown engine {engine!r}; choose spark or flink")
-    version = beam_python_version()
+    sdk = beam_python_version()
+    version = java_version()
     main = ENGINES[engine]["main"]
-    notes: list[str] = []
+    notes: list[str] = [] if version == sdk else [f"UNSUPPORTED: Beam Java {version} under Python SDK {sdk} "
+                                                   f"({ALLOW_MISMATCH_ENV}=1)"]
     official = jars_dir() / f"{ENGINES[engine]['job_server']}-{version}.jar"
     if official.exists() or not offline:
         jar, why = _try_official(engine, version)
         if jar is not None:
-            return JobServerJars(engine, "official", version, main, [str(jar)], str(jar), [why])
+            return JobServerJars(engine, "official", version, main, [str(jar)], str(jar), notes + [why], sdk)
         notes.append(why)
     runner = ENGINES[engine]["runner"]
-    target = jars_dir() / f"{runner}-{JAVA_FALLBACK_VERSION}"
+    target = jars_dir() / f"{runner}-{version}"
     if offline and not (target / ".complete").exists():
-        raise ClusterError(f"no cached {engine} job server under {jars_dir()}: run "
+        raise ClusterError(f"no cached {engine} job server at Beam {version} under {jars_dir()}: run "
                            f"`python -m runners.clusters.local fetch` (needs Maven Central)")
-    lib = _assemble(engine, JAVA_FALLBACK_VERSION)
+    lib = _assemble(engine, version)
     jars = sorted(str(p) for p in lib.glob("*.jar") if not p.name.startswith(_ENGINE_OWNED_PREFIXES)
                   or engine == "flink")
-    notes.append(f"assembled {runner}:{JAVA_FALLBACK_VERSION} + {len(jars) - 1} dependencies in {lib}")
-    return JobServerJars(engine, "assembled", JAVA_FALLBACK_VERSION, main, jars,
-                         str(lib / f"{runner}-{JAVA_FALLBACK_VERSION}.jar"), notes)
+    notes.append(f"assembled {runner}:{version} + {len(jars) - 1} dependencies in {lib}")
+    if _built_jar(JOB_SERVICE, version).exists():
+        notes.append(f"{JOB_SERVICE}:{version} (not on Maven Central) compiled from its "
+                     f"{JOB_SERVICE_SOURCES[JOB_SERVICE][version]} sources into {_private_repo()}")
+    return JobServerJars(engine, "assembled", version, main, jars, str(lib / f"{runner}-{version}.jar"), notes, sdk)
 
 
 # ---------------------------------------------------------------------------------------------
