@@ -749,7 +749,7 @@ def _render_jobs_from_stdin() -> None:
 
 
 def generate_sample(output_dir: str, videos: int, seed: int = 0, size_scale: float = 1.0,
-                    workers: int | None = None) -> pa.Table:
+                    workers: int | None = None, media_videos: int | None = None) -> pa.Table:
     """Write `videos` real MP4 files, catalog.parquet and latents.parquet under output_dir.
 
     Args:
@@ -760,25 +760,35 @@ def generate_sample(output_dir: str, videos: int, seed: int = 0, size_scale: flo
         size_scale: shrink (or grow) the coded resolution, e.g. 0.25 in tests; 1.0 writes the real
             resolutions (720x1280, 1080x1920, 720x720, 1280x720).
         workers: encoder processes (default: one per CPU core, at most one per video).
+        media_videos: render MP4 files for only the first `media_videos` rows (default: every row);
+            the others are metadata + caption rows with a null video_uri, as in a catalog where some
+            media is missing. The rows' order is unrelated to their publish times, so the rows with
+            media are spread over the whole window (train and test alike). Counts, captions and
+            latents are those of generate_rows(videos, seed) whatever this is.
 
     Returns:
-        The catalog (CATALOG_SCHEMA) with video_uri = absolute path of each file.
+        The catalog (CATALOG_SCHEMA) with video_uri = absolute path of each file (null for a row
+        without media).
     """
     if scheme_of(output_dir) not in ("", "file"):
         raise ValueError(f"generate_sample writes local files only; got {output_dir!r}")
+    media_videos = videos if media_videos is None else media_videos
+    if not 0 <= media_videos <= videos:
+        raise ValueError(f"media_videos must be in [0, videos={videos}], got {media_videos}")
     root = os.path.abspath(local_path(output_dir))
     video_dir = os.path.join(root, "videos")
     os.makedirs(video_dir, exist_ok=True)
 
     catalog, latents = generate_rows(videos, seed, size_scale)
     specs = latents.to_pylist()
-    paths = [os.path.join(video_dir, f"{spec['video_id']}.mp4") for spec in specs]
-    jobs = [(path, spec) for path, spec in zip(paths, specs)]
+    paths: list[str | None] = [os.path.join(video_dir, f"{spec['video_id']}.mp4") for spec in specs]
+    paths[media_videos:] = [None] * (videos - media_videos)
+    jobs = [(path, spec) for path, spec in zip(paths, specs) if path is not None]
     workers = workers or min(os.cpu_count() or 1, len(jobs))
     if workers <= 1:
         for path, spec in jobs:
             _render_to(path, spec)
-    else:
+    elif jobs:
         _render_in_subprocesses(jobs, workers)
 
     catalog = catalog.set_column(catalog.schema.get_field_index("video_uri"),

@@ -257,3 +257,23 @@ def test_rejects_bad_arguments(tmp_path):
         generate_rows(3, 0, size_scale=0)
     with pytest.raises(ValueError, match="local files only"):
         generate_sample("gs://bucket/sample", 2)
+
+
+def test_media_videos_renders_only_the_first_rows(tmp_path):
+    """A mixed catalog (popcast demo): the first rows have MP4 files, the rest are metadata + caption rows;
+    everything else is generate_rows' catalog, whatever the number of rendered rows."""
+    catalog = generate_sample(str(tmp_path / "mixed"), 5, seed=SEED, size_scale=SCALE, workers=1, media_videos=1)
+    rows, latents = generate_rows(5, SEED, SCALE)
+    assert catalog.drop(["video_uri"]).equals(rows.drop(["video_uri"]))
+    assert pq.read_table(tmp_path / "mixed" / "catalog.parquet").equals(catalog)
+    assert pq.read_table(tmp_path / "mixed" / "latents.parquet").equals(latents)
+    uris = catalog["video_uri"].to_pylist()
+    assert os.path.isfile(uris[0]) and uris[1:] == [None] * 4
+    assert [p.name for p in (tmp_path / "mixed" / "videos").iterdir()] == [os.path.basename(uris[0])]
+    assert decord.VideoReader(uris[0])[0].shape[:2] == (latents["height"][0].as_py(), latents["width"][0].as_py())
+
+    none = generate_sample(str(tmp_path / "none"), 3, seed=SEED, media_videos=0)
+    assert none["video_uri"].null_count == 3 and not list((tmp_path / "none" / "videos").iterdir())
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="media_videos"):
+            generate_sample(str(tmp_path / "bad"), 3, seed=SEED, media_videos=bad)
