@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from featurizers.core import storage
 from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
 from featurizers.core.feature_table import FeatureTable
-from model.data import ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch
+from model.data import Batch, ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch
 from model.network import NetworkConfig, PopularityNet
 
 __all__ = ["FORMAT", "LoadedModel", "autocast", "build_networks", "json_default", "load_model", "model_version",
@@ -102,16 +102,22 @@ class LoadedModel:
         """(N, T, 3) p10/p50/p90 of log1p(count) at the given log1p(age) per row (ensemble mean)."""
         check_featurizers(self.layouts, feature_tables)
         video_ids = catalog_rows.column("video_id").to_numpy(zero_copy_only=False).astype(object)
-        center = np.asarray(self.config["target_center"], dtype=np.float32)
-        scale = np.asarray(self.config["target_scale"], dtype=np.float32)
         out = np.empty((len(video_ids), len(TARGETS), 3), dtype=np.float32)
         for start in range(0, len(video_ids), batch_size):
             stop = min(start + batch_size, len(video_ids))
-            batch = make_batch(self.layouts, feature_tables, video_ids[start:stop], log_ages[start:stop]).to(self.device)
-            with torch.inference_mode(), autocast(self.device):
-                preds = torch.stack([net(batch, drop_modalities) for net in self.networks]).mean(0)
-            out[start:stop] = preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
+            batch = make_batch(self.layouts, feature_tables, video_ids[start:stop], log_ages[start:stop])
+            out[start:stop] = self.predict_batch_log(batch, drop_modalities)
         return out
+
+    def predict_batch_log(self, batch: Batch, drop_modalities: tuple[str, ...] = ()) -> np.ndarray:
+        """(B, T, 3) p10/p50/p90 of log1p(count) of a prepared Batch (ensemble mean): predict_log's step,
+        for callers that build inputs themselves (training reads its test rows from disk)."""
+        center = np.asarray(self.config["target_center"], dtype=np.float32)
+        scale = np.asarray(self.config["target_scale"], dtype=np.float32)
+        batch = batch.to(self.device)
+        with torch.inference_mode(), autocast(self.device):
+            preds = torch.stack([net(batch, drop_modalities) for net in self.networks]).mean(0)
+        return preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                 horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:

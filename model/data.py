@@ -6,21 +6,30 @@ on training rows only and travel in the model config, so scoring reproduces exac
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import torch
 
 from featurizers.core import storage
 from featurizers.core.contracts import MIN_AGE_DAYS, MODALITIES, TARGETS
-from featurizers.core.feature_table import FeatureTable, read_feature_table
+from featurizers.core.feature_table import (
+    FeatureTable,
+    feature_table_from_arrow,
+    modality_path,
+    read_feature_table,
+)
 
 __all__ = ["DEFAULT_VALIDATION_FRACTION", "Batch", "FeatureVersionError", "ModalityInputs", "ModalityLayout",
-           "ModelDataError", "Split", "catalog_arrays", "check_featurizers", "fit_layout", "join_rows", "log_age",
-           "make_batch", "read_features", "time_split", "training_fingerprint"]
+           "ModelDataError", "RowFile", "Split", "StoredFeatures", "StoredInputs", "build_inputs", "catalog_arrays",
+           "check_featurizers", "fit_layout", "fit_stored_layout", "join_rows", "log_age", "make_batch",
+           "modality_inputs", "read_features", "stream_feature_table", "stream_features", "time_split",
+           "training_fingerprint"]
 
 SECONDS_PER_DAY = 86_400.0
 # The latest share of the training rows that early stopping watches (TrainingConfig's default too).
@@ -109,20 +118,75 @@ def _category_keys(values: np.ndarray) -> np.ndarray:
 
 def fit_layout(table: FeatureTable, train_rows: np.ndarray) -> ModalityLayout:
     """Decide columns and fit normalisation on the given rows of `table` (indices into it)."""
+    vectors = {name: (array.shape[1:], _chunks_of(array, train_rows)) for name, array in table.vectors.items()}
+    return _fit_layout(table, train_rows, vectors)
+
+
+def _chunks_of(array: np.ndarray, rows: np.ndarray):
+    """A callable yielding array[rows] in consecutive pieces (in the order of `rows`)."""
+    def chunks():
+        step = _stat_chunk_rows(array.shape[1:])
+        for start in range(0, len(rows), step):
+            yield array[rows[start:start + step]]
+    return chunks
+
+
+# Values per piece when fitting vector statistics (4M: ~32 MB as float64); the result does not depend on it.
+STAT_CHUNK_VALUES = 4 << 20
+
+
+def _stat_chunk_rows(shape: tuple[int, ...]) -> int:
+    return max(1, STAT_CHUNK_VALUES // max(1, int(np.prod(shape))))
+
+
+def _nan_mean_std(chunks, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """np.nanmean / np.nanstd(axis=0, dtype=float64) of the rows the chunks yield, stacked, as two passes
+    over pieces; bit-identical to the one-shot numpy calls (same float32 deviations, same sequential
+    float64 sums), so a model fitted from disk-backed features has exactly the statistics of one fitted in
+    memory. None when there are no rows."""
+    total = np.zeros(width, dtype=np.float64)
+    count = np.zeros(width, dtype=np.intp)
+    seen = 0
+    for piece in chunks():
+        piece = piece.reshape(-1, width)
+        seen += len(piece)
+        missing = np.isnan(piece)
+        clean = np.where(missing, np.float32(0), piece).astype(np.float64)
+        # numpy reduces axis 0 row after row: continuing from the running total keeps its exact order.
+        total = np.add.reduce(np.concatenate([total[None], clean]), axis=0)
+        count += (~missing).sum(axis=0)
+    if not seen:
+        return None
+    with np.errstate(all="ignore"):
+        mean = total / count
+        squares = np.zeros(width, dtype=np.float64)
+        for piece in chunks():
+            piece = piece.reshape(-1, width)
+            missing = np.isnan(piece)
+            deviation = np.where(missing, np.float32(0), piece)
+            np.subtract(deviation, mean, out=deviation, casting="unsafe")   # float32, as np.nanvar does
+            deviation[missing] = 0
+            np.multiply(deviation, deviation, out=deviation)
+            squares = np.add.reduce(np.concatenate([squares[None], deviation.astype(np.float64)]), axis=0)
+        std = np.sqrt(squares / count)
+    return np.nan_to_num(mean), np.nan_to_num(std)
+
+
+def _fit_layout(table: FeatureTable, train_rows: np.ndarray, vectors: dict) -> ModalityLayout:
+    """fit_layout over vectors given as {name: (per-row shape, callable yielding the training rows' values in
+    pieces)}; scalars are read from table.scalars[name][train_rows]."""
     layout = ModalityLayout(name=table.modality, featurizer=table.featurizer)
-    for name, array in sorted(table.vectors.items()):
-        if array.ndim == 3:
-            layout.sequences[name] = list(array.shape[1:])
-        elif array.ndim == 2:
-            layout.vectors[name] = int(array.shape[1])
+    for name, (shape, chunks) in sorted(vectors.items()):
+        if len(shape) == 2:
+            layout.sequences[name] = list(shape)
+        elif len(shape) == 1:
+            layout.vectors[name] = int(shape[0])
         else:
-            raise ModelDataError(f"{table.modality}.{name}: unsupported vector shape {array.shape[1:]}")
-        train = (array[train_rows] if len(train_rows) else array[:0, ...]).reshape(-1, array.shape[-1])
-        with np.errstate(all="ignore"):
-            mean = np.nan_to_num(np.nanmean(train, axis=0, dtype=np.float64)) if len(train) else 0.0
-            std = np.nan_to_num(np.nanstd(train, axis=0, dtype=np.float64)) if len(train) else 1.0
-        mean = np.broadcast_to(mean, (array.shape[-1],))
-        std = np.broadcast_to(std, (array.shape[-1],))
+            raise ModelDataError(f"{table.modality}.{name}: unsupported vector shape {tuple(shape)}")
+        stats = _nan_mean_std(chunks, int(shape[-1]))
+        mean, std = stats if stats is not None else (0.0, 1.0)
+        mean = np.broadcast_to(mean, (shape[-1],))
+        std = np.broadcast_to(std, (shape[-1],))
         layout.vector_mean[name] = [float(x) for x in mean]
         layout.vector_std[name] = [float(max(x, 1e-6)) for x in std]
     categorical = _categorical_columns(table)
@@ -221,6 +285,14 @@ def build_modality_inputs(layout: ModalityLayout, table: FeatureTable | None, vi
     """Normalised, NaN-free inputs of one modality for the given catalog rows (absent → masked)."""
     n = len(video_ids)
     rows = join_rows(video_ids, table) if table is not None else np.full(n, -1, dtype=np.int64)
+    return modality_inputs(layout, table, rows)
+
+
+def modality_inputs(layout: ModalityLayout, table: FeatureTable | None, rows: np.ndarray) -> ModalityInputs:
+    """Normalised, NaN-free inputs of one modality for the given rows of `table` (-1 = absent → masked).
+
+    Every step is per row: the inputs of a row do not depend on which other rows are built with it."""
+    n = len(rows)
     present = rows >= 0
     sequences, sequence_masks = {}, {}
     for name, shape in layout.sequences.items():
@@ -420,3 +492,383 @@ def check_featurizers(layouts: dict[str, ModalityLayout], tables: dict[str, Feat
             raise FeatureVersionError(
                 f"modality '{name}': features were made by '{table.featurizer}' but the model was trained on "
                 f"'{layout.featurizer}'; re-featurize with '{layout.featurizer}' or retrain the model")
+
+
+# ----------------------------------------------------------------------------------------- bounded memory
+# Training at catalog scale never holds a modality's vectors in memory: each vector column is streamed from
+# its Parquet files into a disk-backed float32 matrix (one row per catalog row of the run), the model inputs
+# are built from it in bounded chunks into another one, and minibatches are read back with explicit
+# positional reads. Not np.memmap: the pages of a mapping that are touched count in the process RSS, the OS
+# page cache behind explicit reads does not.
+STREAM_BATCH_ROWS = 16_384     # rows per Parquet batch while streaming a feature table to disk
+INPUT_CHUNK_ROWS = 16_384      # rows per chunk while building model inputs
+_READ_BUFFER_BYTES = 8 << 20   # buffered-stream size of the Parquet reader (large row groups stay bounded)
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) index ranges of `rows` over which the values go up by exactly one."""
+    if not len(rows):
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return list(zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()))
+
+
+def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:   # pragma: no cover - platforms without preadv
+            data = os.pread(fd, len(view) - done, offset + done)
+            view[done:done + len(data)] = data
+            got = len(data)
+        if got <= 0:
+            raise OSError(f"short read at byte {offset + done}")
+        done += got
+
+
+def _pwrite_all(fd: int, buffer: np.ndarray, offset: int) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        wrote = os.pwrite(fd, view[done:], offset + done)
+        if wrote <= 0:
+            raise OSError(f"short write at byte {offset + done}")
+        done += wrote
+
+
+class RowFile:
+    """A disk-backed (n_rows, width) float32 matrix written and read with explicit pwrite/pread calls.
+
+    Rows never written read as zeros (the file starts sparse). Reading k rows costs one (k, width) buffer
+    and one read per run of consecutive rows, whatever the size of the file."""
+
+    def __init__(self, path: str, n_rows: int, width: int):
+        self.path, self.n_rows, self.width = path, int(n_rows), int(width)
+        self._row_bytes = 4 * self.width
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, self.n_rows * self._row_bytes)
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def _check(self, rows: np.ndarray) -> None:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"rows outside [0, {self.n_rows}) of {self.path}")
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """values[i] → row rows[i]; a row given twice keeps its last value."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self._check(rows)
+        if not len(rows):
+            return
+        values = np.asarray(values, dtype=np.float32).reshape(len(rows), self.width)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        last = np.append(ordered[1:] != ordered[:-1], True)
+        order, ordered = order[last], ordered[last]
+        block = values[order] if not np.array_equal(order, np.arange(len(rows))) else np.ascontiguousarray(values)
+        for lo, hi in _runs(ordered):
+            _pwrite_all(self._fd, block[lo:hi], int(ordered[lo]) * self._row_bytes)
+
+    def write_range(self, start: int, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, self.width)
+        self._check(np.array([start, start + len(values) - 1]) if len(values) else np.zeros(0, np.int64))
+        if len(values):
+            _pwrite_all(self._fd, values, start * self._row_bytes)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), width) float32: the given rows in the given order (one read per consecutive run)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self._check(rows)
+        out = np.empty((len(rows), self.width), dtype=np.float32)
+        if self.width:
+            for lo, hi in _runs(rows):
+                _pread_into(self._fd, out[lo:hi], int(rows[lo]) * self._row_bytes)
+        return out
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self.read(np.arange(start, stop, dtype=np.int64))
+
+    def close(self) -> None:
+        """Close and delete the file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+@dataclass
+class StoredFeatures:
+    """One modality's features for a fixed list of video ids (the "slots": one per catalog row of a run),
+    in bounded memory: ids and scalar columns of the table rows that match a slot stay in memory (`table`,
+    without vectors), each vector column lives in a RowFile whose row i is slot i's vector (zeros where the
+    slot has no row). Duck-types as a FeatureTable for check_featurizers (featurizer, len)."""
+    table: FeatureTable
+    shapes: dict[str, tuple[int, ...]]
+    files: dict[str, RowFile]
+    rows: np.ndarray            # (n_slots,) each slot's row in `table`, -1 = none (as join_rows)
+    n_table_rows: int           # rows of the whole stored table, matching a slot or not
+
+    @property
+    def modality(self) -> str:
+        return self.table.modality
+
+    @property
+    def featurizer(self) -> str:
+        return self.table.featurizer
+
+    def __len__(self) -> int:
+        return self.n_table_rows
+
+    def vector_chunks(self, name: str, slots: np.ndarray):
+        """A callable yielding the vectors of `slots` (in that order) in pieces of bounded size."""
+        shape = self.shapes[name]
+
+        def chunks():
+            step = _stat_chunk_rows(shape)
+            for start in range(0, len(slots), step):
+                part = slots[start:start + step]
+                yield self.files[name].read(part).reshape(len(part), *shape)
+        return chunks
+
+    def chunk(self, start: int, stop: int) -> tuple[FeatureTable | None, np.ndarray]:
+        """(a FeatureTable of slots [start, stop), its row per slot or -1): what modality_inputs takes.
+        None when no slot of the range has a row (the same inputs as a table without those ids)."""
+        rows = self.rows[start:stop]
+        present = rows >= 0
+        if not present.any():
+            return None, np.full(len(rows), -1, dtype=np.int64)
+        take = np.maximum(rows, 0)
+        vectors = {name: self.files[name].read_range(start, stop).reshape(stop - start, *shape)
+                   for name, shape in self.shapes.items()}
+        table = FeatureTable(self.table.modality, self.table.featurizer, self.table.video_ids[take], vectors,
+                             {name: values[take] for name, values in self.table.scalars.items()}, self.table.config)
+        return table, np.where(present, np.arange(len(rows), dtype=np.int64), -1)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def fit_stored_layout(stored: StoredFeatures, slots: np.ndarray) -> ModalityLayout:
+    """fit_layout on the rows of the given slots (in their order; slots without a row are skipped):
+    the same layout, to the bit, as fit_layout on the in-memory table and the same rows."""
+    slots = np.asarray(slots, dtype=np.int64)
+    slots = slots[stored.rows[slots] >= 0]
+    vectors = {name: (shape, stored.vector_chunks(name, slots)) for name, shape in stored.shapes.items()}
+    return _fit_layout(stored.table, stored.rows[slots], vectors)
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def stream_feature_table(features_dir: str, modality: str, video_ids: np.ndarray, directory: str,
+                         batch_rows: int | None = None) -> StoredFeatures:
+    """Stream DIR/<modality>/ (every Parquet file under it, recursively) into a StoredFeatures for the slots
+    `video_ids`, about batch_rows (default STREAM_BATCH_ROWS) rows at a time. Like join_rows, a duplicated
+    id keeps its last row."""
+    batch_rows = batch_rows or STREAM_BATCH_ROWS
+    fs, root = storage.filesystem_and_path(modality_path(features_dir, modality))
+    dataset = ds.dataset(root, filesystem=fs, format="parquet", exclude_invalid_files=True,
+                         ignore_prefixes=["_", "."])
+    if not dataset.files:
+        raise FileNotFoundError(f"no {modality} features under {features_dir}")
+    metadata = dataset.schema.metadata
+    empty = feature_table_from_arrow(dataset.schema.empty_table(), modality, metadata)
+    shapes = {name: tuple(array.shape[1:]) for name, array in empty.vectors.items()}
+    n_slots = len(video_ids)
+    files = {name: RowFile(os.path.join(directory, f"{modality}.{name}.raw"), n_slots, int(np.prod(shape)))
+             for name, shape in shapes.items()}
+    slots = pl.DataFrame({"video_id": pl.Series(video_ids, dtype=pl.String),
+                          "_slot": np.arange(n_slots, dtype=np.int64)})
+    ids, scalars = [empty.video_ids], {name: [values] for name, values in empty.scalars.items()}
+    featurizer, n_rows = empty.featurizer, 0
+    options = ds.ParquetFragmentScanOptions(use_buffered_stream=True, buffer_size=_READ_BUFFER_BYTES,
+                                            pre_buffer=False)
+
+    def add(batches: list[pa.RecordBatch]) -> None:
+        nonlocal featurizer, n_rows
+        part = feature_table_from_arrow(pa.Table.from_batches(batches), modality, metadata)
+        featurizer = featurizer or part.featurizer
+        n_rows += len(part)
+        matches = (pl.DataFrame({"video_id": pl.Series(part.video_ids, dtype=pl.String),
+                                 "_row": np.arange(len(part), dtype=np.int64)})
+                   .join(slots, on="video_id", how="inner", maintain_order="left"))
+        if not len(matches):
+            return
+        row = matches.get_column("_row").to_numpy()
+        slot = matches.get_column("_slot").to_numpy()
+        for name, f in files.items():
+            f.write(slot, part.vectors[name][row])
+        keep = np.unique(row)
+        ids.append(part.video_ids[keep])
+        for name in scalars:
+            scalars[name].append(part.scalars[name][keep])
+
+    try:
+        pending: list[pa.RecordBatch] = []
+        # Small row groups give small batches: gather them up to batch_rows before each join and write.
+        for batch in dataset.to_batches(batch_size=batch_rows, use_threads=False, batch_readahead=0,
+                                        fragment_readahead=0, fragment_scan_options=options):
+            if batch.num_rows:
+                pending.append(batch)
+            if sum(b.num_rows for b in pending) >= batch_rows:
+                add(pending)
+                pending = []
+        if pending:
+            add(pending)
+    except BaseException:
+        for f in files.values():
+            f.close()
+        raise
+    table = FeatureTable(modality, featurizer, _concat(ids), {}, {k: _concat(v) for k, v in scalars.items()},
+                         empty.config)
+    return StoredFeatures(table, shapes, files, join_rows(video_ids, table), n_rows)
+
+
+def stream_features(features_dir: str, modalities: tuple[str, ...] | list[str] | None, video_ids: np.ndarray,
+                    directory: str) -> dict[str, StoredFeatures]:
+    """read_features in bounded memory, for the slots `video_ids` (missing modalities are simply absent)."""
+    stored: dict[str, StoredFeatures] = {}
+    try:
+        for modality in (modalities or MODALITIES):
+            fs, root = storage.filesystem_and_path(storage.join(features_dir, modality))
+            if fs.get_file_info(root).type.name == "NotFound":
+                continue
+            stored[modality] = stream_feature_table(features_dir, modality, video_ids, directory)
+    except BaseException:
+        for s in stored.values():
+            s.close()
+        raise
+    return stored
+
+
+@dataclass
+class _StoredModalityInputs:
+    """One modality's ModalityInputs for every slot: wide tensors in RowFiles, narrow ones in memory."""
+    present: np.ndarray                                    # (N,) bool
+    sequences: dict[str, tuple[RowFile, tuple[int, ...]]]  # name -> file of flat (K*D) rows, (K, D)
+    sequence_masks: dict[str, np.ndarray]                  # name -> (N, K) bool
+    vectors: RowFile | None                                # (N, sum D); None when there is no vector
+    numeric: np.ndarray                                    # (N, 2*S + V) float32
+    categorical: np.ndarray                                # (N, C) int64
+
+    @classmethod
+    def allocate(cls, layout: ModalityLayout, n: int, directory: str) -> "_StoredModalityInputs":
+        sequences = {name: (RowFile(os.path.join(directory, f"{layout.name}.{name}.inputs"), n, int(np.prod(shape))),
+                            tuple(shape)) for name, shape in layout.sequences.items()}
+        vectors = (RowFile(os.path.join(directory, f"{layout.name}.vectors.inputs"), n, layout.vector_width)
+                   if layout.vector_width else None)
+        return cls(np.zeros(n, dtype=bool), sequences,
+                   {name: np.zeros((n, shape[0]), dtype=bool) for name, shape in layout.sequences.items()},
+                   vectors, np.zeros((n, layout.numeric_width), dtype=np.float32),
+                   np.zeros((n, len(layout.categorical)), dtype=np.int64))
+
+    def put(self, start: int, inputs: ModalityInputs) -> None:
+        stop = start + len(inputs.present)
+        self.present[start:stop] = inputs.present.numpy()
+        for name, (f, _) in self.sequences.items():
+            f.write_range(start, inputs.sequences[name].numpy().reshape(stop - start, -1))
+            self.sequence_masks[name][start:stop] = inputs.sequence_masks[name].numpy()
+        if self.vectors is not None:
+            self.vectors.write_range(start, inputs.vectors.numpy())
+        self.numeric[start:stop] = inputs.numeric.numpy()
+        self.categorical[start:stop] = inputs.categorical.numpy()
+
+    def read(self, slots: np.ndarray, wide: bool = True) -> ModalityInputs:
+        n = len(slots)
+        sequences, masks = {}, {}
+        if wide:
+            sequences = {name: torch.from_numpy(f.read(slots).reshape(n, *shape))
+                         for name, (f, shape) in self.sequences.items()}
+            masks = {name: torch.from_numpy(m[slots]) for name, m in self.sequence_masks.items()}
+        vectors = (self.vectors.read(slots) if wide and self.vectors is not None
+                   else np.zeros((n, 0), dtype=np.float32))
+        return ModalityInputs(torch.from_numpy(self.present[slots]), sequences, masks, torch.from_numpy(vectors),
+                              torch.from_numpy(self.numeric[slots]), torch.from_numpy(self.categorical[slots]))
+
+    def close(self) -> None:
+        for f, _ in self.sequences.values():
+            f.close()
+        if self.vectors is not None:
+            self.vectors.close()
+
+
+@dataclass
+class StoredInputs:
+    """Model inputs of a fixed list of catalog rows (slots), built once in bounded chunks: `index(rows)`
+    reads the Batch that make_batch would build for those rows, value for value. `view(rows)` is a subset
+    with the same interface (rows of a view are positions in it)."""
+    modalities: dict[str, _StoredModalityInputs]
+    log_age: np.ndarray                  # (N,) float32
+    labels: np.ndarray | None = None     # (N, T) float32, 0 where unknown
+    label_mask: np.ndarray | None = None  # (N, T) bool
+    slots: np.ndarray | None = None      # this view's slots (None: all of them, in order)
+
+    def __len__(self) -> int:
+        return len(self.log_age) if self.slots is None else len(self.slots)
+
+    def _slots(self, rows) -> np.ndarray:
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+        rows = rows.astype(np.int64, copy=False)
+        return rows if self.slots is None else self.slots[rows]
+
+    def view(self, rows) -> "StoredInputs":
+        return StoredInputs(self.modalities, self.log_age, self.labels, self.label_mask, self._slots(rows))
+
+    def _batch(self, rows, wide: bool) -> Batch:
+        slots = self._slots(rows)
+        labels = None if self.labels is None else torch.from_numpy(self.labels[slots])
+        mask = None if self.label_mask is None else torch.from_numpy(self.label_mask[slots])
+        return Batch({name: m.read(slots, wide) for name, m in self.modalities.items()},
+                     torch.from_numpy(self.log_age[slots]), labels, mask)
+
+    def index(self, rows) -> Batch:
+        """The Batch of the given rows (positions in this view), read from disk."""
+        return self._batch(rows, wide=True)
+
+    def tabular(self, rows) -> Batch:
+        """The Batch of the given rows without vectors and sequences (what baselines.tabular_matrix reads)."""
+        return self._batch(rows, wide=False)
+
+    def close(self) -> None:
+        for m in self.modalities.values():
+            m.close()
+
+
+def build_inputs(layouts: dict[str, ModalityLayout], features: dict[str, StoredFeatures], log_ages: np.ndarray,
+                 log_labels: np.ndarray | None, directory: str, chunk_rows: int | None = None,
+                 release: bool = False) -> StoredInputs:
+    """make_batch for every slot of `features`, chunk_rows (default INPUT_CHUNK_ROWS) rows at a time, into
+    StoredInputs (release: close each modality's StoredFeatures once its inputs are built, to free its
+    disk space early)."""
+    n = len(log_ages)
+    chunk_rows = chunk_rows or INPUT_CHUNK_ROWS
+    modalities: dict[str, _StoredModalityInputs] = {}
+    try:
+        for name, layout in layouts.items():
+            stored = features.get(name)
+            m = modalities[name] = _StoredModalityInputs.allocate(layout, n, directory)
+            for start in range(0, n, chunk_rows):
+                stop = min(n, start + chunk_rows)
+                table, rows = stored.chunk(start, stop) if stored is not None else (None, np.full(stop - start, -1))
+                m.put(start, modality_inputs(layout, table, rows))
+            if release and stored is not None:
+                stored.close()
+    except BaseException:
+        for m in modalities.values():
+            m.close()
+        raise
+    labels = mask = None
+    if log_labels is not None:
+        mask = np.isfinite(log_labels)
+        labels = np.where(mask, log_labels, 0.0).astype(np.float32)
+    return StoredInputs(modalities, np.asarray(log_ages, dtype=np.float32), labels, mask)

@@ -2,6 +2,11 @@
 and metrics beside the baselines fitted on the same time-ordered split.
 
 Entry point: `train(catalog, features_dir, output_dir, ...)`; deterministic per seed on a given machine.
+
+Memory is bounded whatever the number of rows: feature vectors are streamed from Parquet into disk-backed
+matrices in a temporary directory (removed at the end; TMPDIR chooses where), model inputs are built from
+them chunk by chunk, and every minibatch, validation pass and test prediction reads its rows back with
+explicit reads (model.data.StoredInputs). The results are those of building every tensor in memory.
 """
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +28,6 @@ import torch
 
 from featurizers.core import storage
 from featurizers.core.contracts import TARGETS
-from featurizers.core.feature_table import FeatureTable
 from model import baselines
 from model.artifact import (
     FORMAT,
@@ -40,13 +46,14 @@ from model.data import (
     ModalityLayout,
     ModelDataError,
     Split,
+    StoredFeatures,
+    StoredInputs,
+    build_inputs,
     catalog_arrays,
     check_featurizers,
-    fit_layout,
-    join_rows,
+    fit_stored_layout,
     log_age,
-    make_batch,
-    read_features,
+    stream_features,
     time_split,
     training_fingerprint,
 )
@@ -97,7 +104,8 @@ def _lr_factor(epoch: int, step: int, steps: int, total_epochs: int, warmup: int
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _evaluate_loss(net: PopularityNet, batch: Batch, device: str, bs: int = 4096) -> tuple[float, float]:
+def _evaluate_loss(net: PopularityNet, batch: Batch | StoredInputs, device: str, bs: int = 4096
+                   ) -> tuple[float, float]:
     """(pinball loss, MAE of the median) on normalised labels over known labels."""
     net.eval()
     total_loss = total_abs = count = 0.0
@@ -114,11 +122,14 @@ def _evaluate_loss(net: PopularityNet, batch: Batch, device: str, bs: int = 4096
     return total_loss / max(count, 1), total_abs / max(count, 1)
 
 
-def fit_network(net: PopularityNet, train_batch: Batch, val_batch: Batch | None, cfg: TrainingConfig,
-                seed: int, device: str, fixed_epochs: int | None = None, tag: str = "") -> tuple[PopularityNet, list[dict]]:
+def fit_network(net: PopularityNet, train_batch: Batch | StoredInputs, val_batch: Batch | StoredInputs | None,
+                cfg: TrainingConfig, seed: int, device: str, fixed_epochs: int | None = None, tag: str = ""
+                ) -> tuple[PopularityNet, list[dict]]:
     """AdamW + warm-up/cosine schedule; early stopping on validation MAE (restores the best epoch).
 
-    With fixed_epochs, trains exactly that many epochs without validation (the refit on all training rows).
+    The batches are anything with len() and index(rows) → Batch: an in-memory Batch or disk-backed
+    StoredInputs (the same minibatches, value for value). With fixed_epochs, trains exactly that many
+    epochs without validation (the refit on all training rows).
     """
     net.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -200,24 +211,21 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
     arrays = catalog_arrays(catalog)
     labelled = np.isfinite(arrays["log_labels"]).any(axis=1)
     split = time_split(arrays["publish_s"], labelled, split_quantile, training.validation_fraction)
-    tables = read_features(features_dir, modalities)
-    if not tables:
-        raise ModelDataError(f"no feature tables under {features_dir}")
-    source = load_model(init_from) if init_from else None
-    layouts = _fit_layouts(arrays, split, tables, source)
-    network = _network_config(network, source, arrays, split, clamp_age)
-    data = _TrainingData(arrays, split, tables, layouts,
-                         _TargetNormalisation.fit(arrays["log_labels"][split.train]), log_age(arrays["age_days"]))
-    config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
-                           init_from=init_from, freeze=freeze, device=device)
-    ensemble = _EnsembleFit(config, data, training, device, source, tuple(freeze))
-    networks, histories = ensemble.fit(seed, threads)
-    config["model_version"] = model_version(config)
-    config["history"] = histories
-    model = LoadedModel(config=config, networks=networks, layouts=layouts, device="cpu")
+    with ExitStack() as cleanup:
+        workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="popcast-train-"))
+        data = _TrainingData.prepare(arrays, split, features_dir, modalities, init_from, workdir)
+        cleanup.callback(data.inputs.close)
+        network = _network_config(network, data.source, arrays, split, clamp_age)
+        config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
+                               init_from=init_from, freeze=freeze, device=device)
+        ensemble = _EnsembleFit(config, data, training, device, data.source, tuple(freeze))
+        networks, histories = ensemble.fit(seed, threads)
+        config["model_version"] = model_version(config)
+        config["history"] = histories
+        model = LoadedModel(config=config, networks=networks, layouts=data.layouts, device="cpu")
 
-    q = _test_predictions(model, catalog, data)
-    metrics = _test_metrics(q, data, seed, baselines_enabled)
+        q = _test_predictions(model, data)
+        metrics = _test_metrics(q, data, seed, baselines_enabled)
     config["metrics"] = {"test": metrics, "train_seconds": round(time.perf_counter() - started, 1)}
     result = _metrics_json(config)
     _write_artifact(output_dir, networks, config, _prediction_table(q, data), result)
@@ -225,18 +233,16 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
     return result
 
 
-def _fit_layouts(arrays: dict[str, np.ndarray], split: Split, tables: dict[str, FeatureTable],
+def _fit_layouts(split: Split, slots: np.ndarray, features: dict[str, StoredFeatures],
                  source: LoadedModel | None) -> dict[str, ModalityLayout]:
     """Each modality's inputs and normalisation: a warm start keeps its source's (the weights expect them);
-    a fresh model fits them on its training rows only."""
+    a fresh model fits them on its training rows only (slots: the catalog rows the features were read for)."""
     if source is not None:
         layouts = dict(source.layouts)
-        check_featurizers(layouts, tables)
+        check_featurizers(layouts, features)
     else:
-        layouts = {}
-        for name, ft in tables.items():
-            rows = join_rows(arrays["video_id"][split.train], ft)
-            layouts[name] = fit_layout(ft, rows[rows >= 0])
+        train_slots = np.searchsorted(slots, split.train)
+        layouts = {name: fit_stored_layout(stored, train_slots) for name, stored in features.items()}
     # One canonical (sorted) modality order: config.json is written with sorted keys, and the order of the
     # modality tokens is part of the architecture.
     return {name: layouts[name] for name in sorted(layouts)}
@@ -279,23 +285,54 @@ class _TargetNormalisation:
 
 @dataclass
 class _TrainingData:
-    """The catalog arrays, split, feature tables and fitted layouts that every training step reads."""
+    """The catalog arrays, split, fitted layouts and the model inputs of every split row (disk-backed,
+    StoredInputs) that every training step reads."""
     arrays: dict[str, np.ndarray]
     split: Split
-    tables: dict[str, FeatureTable]
     layouts: dict[str, ModalityLayout]
     targets: _TargetNormalisation
     log_ages: np.ndarray
+    slots: np.ndarray             # sorted catalog rows of train + validation + test: the rows of `inputs`
+    inputs: StoredInputs
+    source: LoadedModel | None = None
+
+    @classmethod
+    def prepare(cls, arrays: dict[str, np.ndarray], split: Split, features_dir: str,
+                modalities: tuple[str, ...] | None, init_from: str | None, workdir: str) -> "_TrainingData":
+        """Stream the feature tables of the split rows to `workdir`, fit the layouts, build the inputs."""
+        started = time.perf_counter()
+        slots = np.sort(np.concatenate([split.train, split.validation, split.test]))
+        features = stream_features(features_dir, modalities, arrays["video_id"][slots], workdir)
+        try:
+            if not features:
+                raise ModelDataError(f"no feature tables under {features_dir}")
+            log.info("features: %s for %d rows streamed in %.1fs", ", ".join(sorted(features)), len(slots),
+                     time.perf_counter() - started)
+            source = load_model(init_from) if init_from else None
+            layouts = _fit_layouts(split, slots, features, source)
+            targets = _TargetNormalisation.fit(arrays["log_labels"][split.train])
+            log_ages = log_age(arrays["age_days"])
+            inputs = build_inputs(layouts, features, log_ages[slots], targets.normalise(arrays["log_labels"][slots]),
+                                  workdir, release=True)
+        finally:
+            for stored in features.values():
+                stored.close()
+        log.info("inputs: %d rows ready in %.1fs", len(slots), time.perf_counter() - started)
+        return cls(arrays, split, layouts, targets, log_ages, slots, inputs, source)
 
     @property
     def fit_rows(self) -> np.ndarray:
         """Train + validation rows, sorted: what the refit trains on and what the fingerprint covers."""
         return np.sort(np.concatenate([self.split.train, self.split.validation]))
 
-    def batch(self, rows: np.ndarray) -> Batch:
-        """Network inputs of the given catalog rows, with normalised labels."""
-        return make_batch(self.layouts, self.tables, self.arrays["video_id"][rows], self.log_ages[rows],
-                          self.targets.normalise(self.arrays["log_labels"][rows]))
+    def batch(self, rows: np.ndarray) -> StoredInputs:
+        """Network inputs of the given catalog rows (split rows), with normalised labels: index(i) reads the
+        Batch of the i-th of them."""
+        return self.inputs.view(np.searchsorted(self.slots, rows))
+
+    def tabular(self, rows: np.ndarray) -> Batch:
+        """The given catalog rows' inputs without vectors and sequences (for the tabular baselines)."""
+        return self.inputs.tabular(np.searchsorted(self.slots, rows))
 
 
 def _model_config(data: _TrainingData, network: NetworkConfig, training: TrainingConfig, *, seed: int,
@@ -345,7 +382,7 @@ class _EnsembleFit:
             _apply_warm_start([net], self.source, self.freeze)
         return net
 
-    def _fit_member(self, member: int, member_seed: int, train_batch: Batch, val_batch: Batch
+    def _fit_member(self, member: int, member_seed: int, train_batch: StoredInputs, val_batch: StoredInputs
                     ) -> tuple[PopularityNet, dict]:
         net, history = fit_network(self._initial_network(member_seed), train_batch, val_batch, self.training,
                                    member_seed, self.device, tag=f"[m{member}] ")
@@ -360,10 +397,15 @@ class _EnsembleFit:
         return net, {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}
 
 
-def _test_predictions(model: LoadedModel, catalog: pa.Table, data: _TrainingData) -> np.ndarray:
-    """(N_test, T, 3) log1p quantiles of the test rows, through the scoring path of the finished model."""
-    test = data.split.test
-    return model.predict_log(catalog.take(pa.array(test)), data.tables, data.log_ages[test])
+def _test_predictions(model: LoadedModel, data: _TrainingData, batch_size: int = 4096) -> np.ndarray:
+    """(N_test, T, 3) log1p quantiles of the test rows, through the scoring path of the finished model
+    (LoadedModel.predict_batch_log, in predict_log's batches), reading the test inputs in bounded chunks."""
+    test = data.batch(data.split.test)
+    out = np.empty((len(test), len(TARGETS), 3), dtype=np.float32)
+    for start in range(0, len(test), batch_size):
+        stop = min(start + batch_size, len(test))
+        out[start:stop] = model.predict_batch_log(test.index(np.arange(start, stop)))
+    return out
 
 
 def _test_metrics(q: np.ndarray, data: _TrainingData, seed: int, baselines_enabled: bool) -> dict:
@@ -371,7 +413,7 @@ def _test_metrics(q: np.ndarray, data: _TrainingData, seed: int, baselines_enabl
     truth = data.arrays["log_labels"][data.split.test]
     metrics = {"model": all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])}
     if baselines_enabled:
-        metrics.update(fit_baselines(data.arrays, data.split, data.layouts, data.tables, data.log_ages, seed))
+        metrics.update(fit_baselines(data.arrays, data.split, data.layouts, data.tabular, seed))
     return metrics
 
 
@@ -413,9 +455,26 @@ def _log_summary(result: dict, started: float) -> None:
                      and "views" in v))
 
 
-def fit_baselines(arrays: dict, split: Split, layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTable],
-                  log_ages: np.ndarray, seed: int) -> dict:
-    """Global median, creator-history mean and LightGBM on the tabular features, same split."""
+# LightGBM fits up to 2000 trees per target and objective on one thread (8 models): on a million-row catalog
+# that takes longer than training the network. Past this many training rows it is fitted on a seeded uniform
+# sample of them (and of a quarter as many validation rows), recorded in metrics.json under "sampled"; it
+# still predicts every test row. Smaller catalogs use every row, as before.
+BASELINE_MAX_TRAIN_ROWS = 100_000
+
+
+def _sample_rows(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+
+
+def fit_baselines(arrays: dict, split: Split, layouts: dict[str, ModalityLayout],
+                  tabular: Callable[[np.ndarray], Batch], seed: int) -> dict:
+    """Global median, creator-history mean and LightGBM on the tabular features, same split.
+
+    tabular(catalog rows) gives those rows' inputs (numerics, categories, presence, age; vectors are not
+    needed): a few float64 columns per row, so the baselines stay small next to the network's inputs.
+    LightGBM trains on at most BASELINE_MAX_TRAIN_ROWS training rows (a seeded sample beyond)."""
     y = arrays["log_labels"]
     truth = y[split.test]
     train_all = np.sort(np.concatenate([split.train, split.validation]))
@@ -428,16 +487,20 @@ def fit_baselines(arrays: dict, split: Split, layouts: dict[str, ModalityLayout]
     out["creator_history_mean"] = all_target_metrics(truth, hist)
     out["creator_history_mean"]["note"] = ("mean log1p label of the creator's labelled videos published strictly "
                                            "earlier (train or test); training median when none")
-    raw = lambda rows: make_batch(layouts, tables, arrays["video_id"][rows], log_ages[rows])  # noqa: E731
-    tr_x, names, cats = baselines.tabular_matrix(raw(split.train), layouts)
-    va_x, _, _ = baselines.tabular_matrix(raw(split.validation), layouts)
-    te_x, _, _ = baselines.tabular_matrix(raw(split.test), layouts)
+    train_rows = _sample_rows(split.train, BASELINE_MAX_TRAIN_ROWS, seed)
+    validation_rows = _sample_rows(split.validation, BASELINE_MAX_TRAIN_ROWS // 4, seed + 1)
+    tr_x, names, cats = baselines.tabular_matrix(tabular(train_rows), layouts)
+    va_x, _, _ = baselines.tabular_matrix(tabular(validation_rows), layouts)
+    te_x, _, _ = baselines.tabular_matrix(tabular(split.test), layouts)
     for label, objective in (("lightgbm", "regression"), ("lightgbm_l1", "regression_l1")):
-        pred = baselines.lightgbm_predictions(tr_x, y[split.train], va_x, y[split.validation], te_x, cats, seed,
+        pred = baselines.lightgbm_predictions(tr_x, y[train_rows], va_x, y[validation_rows], te_x, cats, seed,
                                               objective)
         if pred is None:
             out["lightgbm"] = {"skipped": "lightgbm is not installed (pip install lightgbm, in the dev extra)"}
             break
         out[label] = all_target_metrics(truth, pred)
         out[label]["features"] = names
+        if len(train_rows) < len(split.train) or len(validation_rows) < len(split.validation):
+            out[label]["sampled"] = {"train_rows": len(train_rows), "validation_rows": len(validation_rows),
+                                     "of_train_rows": len(split.train), "of_validation_rows": len(split.validation)}
     return out
