@@ -6,6 +6,7 @@ on training rows only and travel in the model config, so scoring reproduces exac
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -22,14 +23,17 @@ from featurizers.core.feature_table import (
     FeatureTable,
     feature_table_from_arrow,
     modality_path,
+    present_modalities,
     read_feature_table,
 )
+
+log = logging.getLogger("popcast.train")
 
 __all__ = ["DEFAULT_VALIDATION_FRACTION", "Batch", "FeatureVersionError", "ModalityInputs", "ModalityLayout",
            "ModelDataError", "RowFile", "Split", "StoredFeatures", "StoredInputs", "build_inputs", "catalog_arrays",
            "check_featurizers", "fit_layout", "fit_stored_layout", "join_rows", "log_age", "make_batch",
-           "modality_inputs", "read_features", "stream_feature_table", "stream_features", "time_split",
-           "training_fingerprint"]
+           "modality_inputs", "read_features", "usable_modalities", "stream_feature_table", "stream_features",
+           "time_split", "training_fingerprint"]
 
 SECONDS_PER_DAY = 86_400.0
 # The latest share of the training rows that early stopping watches (TrainingConfig's default too).
@@ -461,14 +465,21 @@ def training_fingerprint(arrays: dict[str, np.ndarray], rows: np.ndarray, featur
 def read_features(features_dir: str, modalities: tuple[str, ...] | list[str] | None = None
                   ) -> dict[str, FeatureTable]:
     """Every modality table present under features_dir (missing modalities are simply absent)."""
-    tables = {}
-    for modality in (modalities or MODALITIES):
-        fs, root = storage.filesystem_and_path(storage.join(features_dir, modality))
-        info = fs.get_file_info(root)
-        if info.type.name == "NotFound":
-            continue
-        tables[modality] = read_feature_table(features_dir, modality)
-    return tables
+    return {modality: read_feature_table(features_dir, modality)
+            for modality in usable_modalities(features_dir, modalities)}
+
+
+def usable_modalities(features_dir: str, requested: tuple[str, ...] | list[str] | None) -> list[str]:
+    """The modalities to use: by default every one with features under features_dir (said in the log);
+    a requested modality without any is an error naming it."""
+    if not requested:
+        present = present_modalities(features_dir, MODALITIES)
+        log.info("using the modalities with features under %s: %s", features_dir, ", ".join(present) or "none")
+        return present
+    missing = [m for m in requested if m not in present_modalities(features_dir, requested)]
+    if missing:
+        raise ModelDataError(f"no {', '.join(missing)} features under {features_dir} (asked for by --modalities)")
+    return list(requested)
 
 
 def make_batch(layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTable], video_ids: np.ndarray,
@@ -739,10 +750,7 @@ def stream_features(features_dir: str, modalities: tuple[str, ...] | list[str] |
     """read_features in bounded memory, for the slots `video_ids` (missing modalities are simply absent)."""
     stored: dict[str, StoredFeatures] = {}
     try:
-        for modality in (modalities or MODALITIES):
-            fs, root = storage.filesystem_and_path(storage.join(features_dir, modality))
-            if fs.get_file_info(root).type.name == "NotFound":
-                continue
+        for modality in usable_modalities(features_dir, modalities):
             stored[modality] = stream_feature_table(features_dir, modality, video_ids, directory)
     except BaseException:
         for s in stored.values():

@@ -141,3 +141,18 @@ def test_a_video_outside_the_media_root_is_a_dead_letter_not_a_read(files, capsy
     errors = pq.read_table(out / "_errors").to_pylist()
     assert sorted((e["video_id"], e["stage"], e["error_class"]) for e in errors) == [
         ("v1", "read", "outside_media_root"), ("v3", "read", "outside_media_root")]
+
+
+def test_featurize_then_train_with_default_flags_on_a_catalog_without_media(tmp_path, capsys):
+    # featurize's defaults leave empty visual/ and audio/ folders here; train's defaults use what is there.
+    from pipelines.sample_catalog import generate_rows
+
+    catalog, _ = generate_rows(80, seed=5)
+    path = tmp_path / "catalog.parquet"
+    pq.write_table(catalog.set_column(catalog.schema.get_field_index("video_uri"), "video_uri",
+                                      pa.nulls(catalog.num_rows, pa.string())), path)
+    assert main(["featurize", "--catalog", str(path), "--output", str(tmp_path / "f"), "--runner", "DirectRunner"]) == 0
+    assert main(["train", "--catalog", str(path), "--features", str(tmp_path / "f"), "--output", str(tmp_path / "m"),
+                 "--epochs", "2", "--ensemble", "1"]) == 0
+    config = (tmp_path / "m" / "config.json").read_text()
+    assert '"text"' in config and '"meta"' in config and '"visual"' not in config

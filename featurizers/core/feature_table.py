@@ -24,9 +24,9 @@ from featurizers.core.contracts import MEDIA_MODALITIES, MISSING_VECTOR, Feature
 
 __all__ = ["NEEDS_COLUMN", "FeatureTable", "fixed_size_list_to_numpy", "numpy_to_fixed_size_list", "modality_path",
            "read_feature_table", "feature_table_from_arrow", "rows_to_table", "feature_table_to_arrow",
-           "parquet_files", "read_columns", "featurized_ids", "modalities_needed", "rows_needing_work",
-           "FEATURE_ROW_GROUP_ROWS", "is_sorted_by_id", "id_range_filter", "id_ranges", "write_sorted",
-           "sort_feature_files"]
+           "parquet_files", "read_columns", "present_modalities", "featurized_ids", "modalities_needed",
+           "rows_needing_work", "FEATURE_ROW_GROUP_ROWS", "is_sorted_by_id", "id_range_filter", "id_ranges",
+           "write_sorted", "sort_feature_files"]
 
 # The staged-catalog column that lists, per row, the modalities it still needs.
 NEEDS_COLUMN = "_needs"
@@ -184,6 +184,20 @@ def read_columns(uri: str, columns: list[str]) -> pa.Table | None:
         return None
     fs, _ = storage.filesystem_and_path(uri)
     return ds.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def present_modalities(features_dir: str, modalities: Sequence[str]) -> list[str]:
+    """The modalities among `modalities` with at least one published file under DIR/<modality>/ (featurize
+    leaves an empty folder for a modality no row could have, e.g. visual in a catalog without media)."""
+    present = []
+    for modality in modalities:
+        fs, root = storage.filesystem_and_path(modality_path(features_dir, modality))
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            continue
+        # Recursive, as the readers are (files may sit in sub-folders); _ and . names are not published.
+        if ds.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).files:
+            present.append(modality)
+    return present
 
 
 def featurized_ids(features_dir: str, featurizers: Mapping[str, FeatureSpec | str]) -> dict[str, pa.Array]:
