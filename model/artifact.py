@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,11 +22,12 @@ from featurizers.core.feature_table import FeatureTable
 from model.data import Batch, ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch
 from model.network import NetworkConfig, PopularityNet
 
-__all__ = ["FORMAT", "LoadedModel", "autocast", "build_networks", "json_default", "load_model", "model_version",
-           "quantiles_to_counts", "save_model"]
+__all__ = ["ModelIntegrityError", "verify_model_dir", "CHECKSUMS_KEY", "FORMAT", "LoadedModel", "autocast",
+           "build_networks", "json_default", "load_model", "model_version", "quantiles_to_counts", "save_model"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_KEY = "checksums"
 FORMAT = "popcast-model/1"
 
 
@@ -55,8 +57,56 @@ def save_model(output_dir: str, networks: list[PopularityNet], config: dict) -> 
         from safetensors.torch import save
         with fs.open_output_stream(f"{root}/{WEIGHTS_FILE}") as out:
             out.write(save(tensors))
+    # The config records the weights' checksum and its own (over its content without them), so load_model
+    # can refuse a truncated, edited or half-copied directory instead of half-loading it.
+    with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
+        checksums = {WEIGHTS_FILE: _sha256_of(f)}
+    config = {k: v for k, v in config.items() if k != CHECKSUMS_KEY}
+    checksums[CONFIG_FILE] = _config_digest(config)
     with fs.open_output_stream(f"{root}/{CONFIG_FILE}") as out:
-        out.write(json.dumps(config, indent=1, sort_keys=True, default=json_default).encode())
+        out.write(json.dumps({**config, CHECKSUMS_KEY: checksums}, indent=1, sort_keys=True,
+                             default=json_default).encode())
+
+
+def _config_digest(config: dict) -> str:
+    """SHA-256 of the config's canonical JSON (sorted keys), without its checksums."""
+    body = {k: v for k, v in config.items() if k != CHECKSUMS_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=json_default).encode()).hexdigest()
+
+
+class ModelIntegrityError(ValueError):
+    """A model directory whose files do not match the checksums recorded when it was saved."""
+
+
+def _sha256_of(stream) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(8 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_model_dir(model_dir: str, config: dict) -> None:
+    """Refuse a model directory that is truncated, edited or half-copied: the weights' and the config's
+    SHA-256 must match those recorded at save time. Directories saved before checksums existed load with a
+    warning."""
+    checksums = config.get(CHECKSUMS_KEY)
+    if not checksums:
+        logging.getLogger("popcast").warning("%s records no checksums (saved by an older popcast): its files "
+                                             "cannot be checked", model_dir)
+        return
+    if _config_digest(config) != checksums.get(CONFIG_FILE):
+        raise ModelIntegrityError(f"model directory {model_dir}: {CONFIG_FILE} was edited after the model was "
+                                  "saved (its checksum does not match); train again or restore the file")
+    fs, root = storage.filesystem_and_path(model_dir)
+    try:
+        with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
+            actual = _sha256_of(f)
+    except FileNotFoundError:
+        raise ModelIntegrityError(f"model directory {model_dir}: {WEIGHTS_FILE} is missing") from None
+    if actual != checksums.get(WEIGHTS_FILE):
+        raise ModelIntegrityError(f"model directory {model_dir}: {WEIGHTS_FILE} does not match the checksum "
+                                  "recorded when it was saved (truncated or half-copied); copy the whole "
+                                  "directory again or train again")
 
 
 def json_default(value):
@@ -168,6 +218,7 @@ def load_model(model_dir: str, device: str = "cpu") -> LoadedModel:
             config = json.loads(f.read())
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{model_dir} is not a popcast model directory (no {CONFIG_FILE})") from exc
+    verify_model_dir(model_dir, config)
     if config.get("format") != FORMAT:
         raise ValueError(f"{model_dir}: unsupported model format {config.get('format')!r} (expected {FORMAT})")
     if storage.scheme_of(model_dir) == "":

@@ -156,3 +156,38 @@ def test_featurize_then_train_with_default_flags_on_a_catalog_without_media(tmp_
                  "--epochs", "2", "--ensemble", "1"]) == 0
     config = (tmp_path / "m" / "config.json").read_text()
     assert '"text"' in config and '"meta"' in config and '"visual"' not in config
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "edit config", "drop weights"])
+def test_a_damaged_model_directory_is_refused_naming_it(tmp_path, capsys, damage):
+    import shutil
+
+    from model.artifact import ModelIntegrityError, load_model
+    from pipelines.sample_catalog import generate_rows
+
+    catalog, _ = generate_rows(60, seed=6)
+    path = tmp_path / "catalog.parquet"
+    pq.write_table(catalog.set_column(catalog.schema.get_field_index("video_uri"), "video_uri",
+                                      pa.nulls(catalog.num_rows, pa.string())), path)
+    assert main(["featurize", "--catalog", str(path), "--output", str(tmp_path / "f"), "--modalities", "meta",
+                 "--runner", "DirectRunner"]) == 0
+    model = tmp_path / "m"
+    assert main(["train", "--catalog", str(path), "--features", str(tmp_path / "f"), "--output", str(model),
+                 "--epochs", "1", "--ensemble", "1"]) == 0
+    load_model(str(model))                                 # whole: loads
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights, config = broken / "model.safetensors", broken / "config.json"
+    if damage == "truncate weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "edit config":
+        config.write_text(config.read_text().replace('"epochs": 1', '"epochs": 2'))
+    else:
+        weights.unlink()
+    with pytest.raises(ModelIntegrityError, match=str(broken)):
+        load_model(str(broken))
+    capsys.readouterr()
+    assert main(["score", "--catalog", str(path), "--features", str(tmp_path / "f"), "--model", str(broken),
+                 "--output", str(tmp_path / "s"), "--runner", "DirectRunner"]) == 1
+    err = capsys.readouterr().err
+    assert str(broken) in err and "Traceback" not in err
