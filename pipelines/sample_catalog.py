@@ -8,10 +8,12 @@ catalog.parquet (featurizers.core.contracts.CATALOG_SCHEMA) and latents.parquet 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -733,13 +735,26 @@ def _render_in_subprocesses(jobs: list[tuple[str, dict]], workers: int) -> None:
         process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         processes.append((process, json.dumps(share).encode()))
-    failures = []
     for process, payload in processes:
-        _, stderr = process.communicate(payload)
-        if process.returncode != 0:
-            failures.append(stderr.decode(errors="replace")[-2000:])
+        process.stdin.write(payload)
+        process.stdin.close()
+    last = time.time()
+    while any(process.poll() is None for process, _ in processes):
+        time.sleep(0.5)
+        if time.time() - last >= PROGRESS_EVERY_S:
+            _log_render_progress(sum(os.path.exists(path) for path, _ in jobs), len(jobs))
+            last = time.time()
+    failures = [process.stderr.read().decode(errors="replace")[-2000:]
+                for process, _ in processes if process.returncode != 0]
     if failures:
         raise RuntimeError("rendering sample videos failed in a worker process:\n" + "\n".join(failures))
+
+
+PROGRESS_EVERY_S = 5.0
+
+
+def _log_render_progress(done: int, total: int) -> None:
+    logging.getLogger("popcast").info("sample: %d/%d videos rendered", done, total)
 
 
 def _render_jobs_from_stdin() -> None:
@@ -786,8 +801,12 @@ def generate_sample(output_dir: str, videos: int, seed: int = 0, size_scale: flo
     jobs = [(path, spec) for path, spec in zip(paths, specs) if path is not None]
     workers = workers or min(os.cpu_count() or 1, len(jobs))
     if workers <= 1:
-        for path, spec in jobs:
+        last = time.time()
+        for done, (path, spec) in enumerate(jobs, start=1):
             _render_to(path, spec)
+            if time.time() - last >= PROGRESS_EVERY_S:
+                _log_render_progress(done, len(jobs))
+                last = time.time()
     elif jobs:
         _render_in_subprocesses(jobs, workers)
 

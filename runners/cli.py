@@ -48,7 +48,9 @@ def _sample(argv: list[str]) -> int:
     parser.add_argument("--videos", type=int, default=12, help="number of videos")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same catalog)")
     args = parser.parse_args(argv)
+    from pipelines.job import configure_logging
     from pipelines.sample_catalog import generate_sample
+    configure_logging()   # progress of the renders, every few seconds
     table = generate_sample(args.output, args.videos, seed=args.seed)
     print(f"wrote {table.num_rows} videos and {os.path.join(args.output, 'catalog.parquet')}")
     return 0
