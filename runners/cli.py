@@ -41,15 +41,16 @@ def _validate(argv: list[str]) -> int:
 
 
 def _sample(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="popcast sample",
-                                     description="Write N real MP4 sample videos and a catalog pointing at them "
-                                                 "(counts follow a documented synthetic rule).")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--videos", type=int, default=12, help="number of videos")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same catalog)")
-    args = parser.parse_args(argv)
-    from pipelines.job import configure_logging
+    from pipelines.job import StrictArgumentParser, check_output_dir, configure_logging, non_negative_int, positive_int
     from pipelines.sample_catalog import generate_sample
+    parser = StrictArgumentParser(prog="popcast sample",
+                                  description="Write N real MP4 sample videos and a catalog pointing at them "
+                                              "(counts follow a documented synthetic rule).")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--videos", type=positive_int, default=12, help="number of videos")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (same seed, same catalog)")
+    args = parser.parse_args(argv)
+    check_output_dir(parser, "--output", args.output)
     configure_logging()   # progress of the renders, every few seconds
     table = generate_sample(args.output, args.videos, seed=args.seed)
     print(f"wrote {table.num_rows} videos and {os.path.join(args.output, 'catalog.parquet')}")
