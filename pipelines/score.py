@@ -324,16 +324,18 @@ def stored_feature_files(features_dir: str, modality: str, featurizer: str) -> l
 def add_fresh_features(plan: ScorePlan) -> None:
     """Sort what the inputs pipeline staged under _fresh/ by video_id and add it to the shards' sources."""
     fs, _ = storage.filesystem_and_path(plan.staging)
+    features = dict(plan.sources.features)
     for modality in [*plan.specs, "history"]:
         staged = parquet_files(storage.join(plan.staging, "_fresh", modality))
+        uri = storage.join(plan.staging, "fresh", modality, "fresh.parquet")
+        _, target = storage.filesystem_and_path(uri)
         if not staged:
             continue
-        _, target = storage.filesystem_and_path(storage.join(plan.staging, "fresh", modality, "fresh.parquet"))
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if write_sorted(staged, target, fs):
-            uri = storage.join(plan.staging, "fresh", modality, "fresh.parquet")
-            files, featurizer = plan.sources.features.get(modality, ([], plan.model.featurizers[modality]))
-            plan.sources.features[modality] = ([*files, uri], featurizer)
+            files, featurizer = features.get(modality, ([], plan.model.featurizers[modality]))
+            features[modality] = ([*files, uri], featurizer)
+    plan.sources = ShardSources(rows=plan.sources.rows, features=features)
 
 
 def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
