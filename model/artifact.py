@@ -19,7 +19,16 @@ from safetensors.torch import load_file, save_file
 from featurizers.core import storage
 from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
 from featurizers.core.feature_table import FeatureTable
-from model.data import Batch, ModalityLayout, catalog_arrays, check_featurizers, log_age, make_batch
+from model.data import (
+    Batch,
+    ModalityLayout,
+    catalog_arrays,
+    check_featurizers,
+    log_age,
+    make_batch,
+    observed_arrays,
+)
+from model.samples import input_arrays
 from model.network import NetworkConfig, PopularityNet
 
 __all__ = ["ModelIntegrityError", "verify_model_dir", "CHECKSUMS_KEY", "FORMAT", "LoadedModel", "autocast",
@@ -146,16 +155,31 @@ class LoadedModel:
             return None
         return float(np.expm1(low)), float(np.expm1(high))
 
+    @property
+    def nowcasts(self) -> bool:
+        """Whether the model conditions on the counts a video already has (trained on an observation log)."""
+        return bool(self.config["network"].get("nowcast"))
+
+    def observed(self, input_log_labels: np.ndarray, input_age_days: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The network's observation inputs (model.data.observed_arrays) in this model's label units."""
+        return observed_arrays(input_log_labels, input_age_days, np.asarray(self.config["target_center"]),
+                               np.asarray(self.config["target_scale"]))
+
     def predict_log(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                     log_ages: np.ndarray, drop_modalities: tuple[str, ...] = (),
-                    batch_size: int = 4096) -> np.ndarray:
-        """(N, T, 3) p10/p50/p90 of log1p(count) at the given log1p(age) per row (ensemble mean)."""
+                    batch_size: int = 4096,
+                    observed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """(N, T, 3) p10/p50/p90 of log1p(count) at the given log1p(age) per row (ensemble mean); observed:
+        the rows' observation inputs (self.observed), None = cold start for every row."""
         check_featurizers(self.layouts, feature_tables)
         video_ids = catalog_rows.column("video_id").to_numpy(zero_copy_only=False).astype(object)
         out = np.empty((len(video_ids), len(TARGETS), 3), dtype=np.float32)
         for start in range(0, len(video_ids), batch_size):
             stop = min(start + batch_size, len(video_ids))
-            batch = make_batch(self.layouts, feature_tables, video_ids[start:stop], log_ages[start:stop])
+            part = None if observed is None else tuple(a[start:stop] for a in observed)
+            batch = make_batch(self.layouts, feature_tables, video_ids[start:stop], log_ages[start:stop],
+                               observed=part)
             out[start:stop] = self.predict_batch_log(batch, drop_modalities)
         return out
 
@@ -171,21 +195,37 @@ class LoadedModel:
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                 horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:
-        """Expected counts at `horizon_days` (None: each row's observed age) with p10/p90 intervals.
+        """Expected counts at `horizon_days` (None: each row's observed age, cold start) with p10/p90 intervals.
 
-        Returns {"pred_views": (N,), "p10_views": ..., "p90_views": ..., ...} as float64 counts.
-        batch_size: rows per forward pass; each batch joins the feature tables anew, so callers holding
-        a bounded shard pass its length.
+        Returns {"pred_views": (N,), "p10_views": ..., "p90_views": ..., ...} as float64 counts, and for a
+        nowcasting model with a horizon also "input_observed_at" (datetime64[us], NaT = cold start: each row is
+        its video's latest observation, used when it has a count) and "horizon_days" per row: a video already
+        older than the horizon is predicted at its observation's age (its counts as of now; the past is not
+        predicted). batch_size: rows per forward pass; each batch joins the feature tables anew, so callers
+        holding a bounded shard pass its length.
         """
         n = catalog_rows.num_rows
+        arrays = catalog_arrays(catalog_rows)
         if horizon_days is None:
-            ages = catalog_arrays(catalog_rows)["age_days"]
+            ages = arrays["age_days"]
             if not np.isfinite(ages).all():
                 raise ValueError("horizon_days=None needs observed_at on every row")
-        else:
-            ages = np.broadcast_to(np.maximum(np.asarray(horizon_days, dtype=np.float64), MIN_AGE_DAYS), (n,))
-        q = self.predict_log(catalog_rows, feature_tables, log_age(ages), batch_size=max(batch_size, 1))
-        return quantiles_to_counts(q)
+            q = self.predict_log(catalog_rows, feature_tables, log_age(ages), batch_size=max(batch_size, 1))
+            return quantiles_to_counts(q)
+        ages = np.broadcast_to(np.maximum(np.asarray(horizon_days, dtype=np.float64), MIN_AGE_DAYS), (n,))
+        if not self.nowcasts:
+            q = self.predict_log(catalog_rows, feature_tables, log_age(ages), batch_size=max(batch_size, 1))
+            return quantiles_to_counts(q)
+        inputs = input_arrays(arrays["log_labels"], arrays["age_days"], arrays["observed_s"])
+        known = np.isfinite(inputs["input_age_days"])
+        ages = np.where(known, np.fmax(ages, inputs["input_age_days"]), ages)
+        q = self.predict_log(catalog_rows, feature_tables, log_age(ages), batch_size=max(batch_size, 1),
+                             observed=self.observed(inputs["input_log_labels"], inputs["input_age_days"]))
+        out = quantiles_to_counts(q)
+        micros = np.where(known, np.round(arrays["observed_s"] * 1e6), 0).astype(np.int64)
+        out["input_observed_at"] = np.where(known, micros.astype("datetime64[us]"), np.datetime64("NaT", "us"))
+        out["horizon_days"] = ages.astype(np.float64)
+        return out
 
 
 def quantiles_to_counts(q: np.ndarray) -> dict[str, np.ndarray]:

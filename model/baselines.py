@@ -9,9 +9,11 @@ import warnings
 import numpy as np
 import polars as pl
 
+from featurizers.core.contracts import TARGETS
 from model.data import Batch, ModalityLayout
 
-__all__ = ["creator_history_mean", "global_median", "lightgbm_predictions", "tabular_matrix"]
+__all__ = ["creator_history_mean", "global_median", "lightgbm_predictions", "tabular_matrix", "nowcast_peers",
+           "nowcast_matrix"]
 
 
 def global_median(train_labels: np.ndarray, n_test: int) -> dict[str, np.ndarray]:
@@ -108,3 +110,40 @@ def lightgbm_predictions(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nda
             model.fit(train_x[tr], train_y[tr, j], **fit_kwargs)
         preds[:, j] = model.predict(test_x)
     return preds
+
+
+# ------------------------------------------------------------------------------------------ nowcasting peers
+def _log_age_gap(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """ln(target age / input age), ages in days: the growth variable of Szabo & Huberman (2010)."""
+    return np.log(arrays["age_days"][rows]) - np.log(arrays["input_age_days"][rows])
+
+
+def nowcast_peers(arrays: dict[str, np.ndarray], fit_rows: np.ndarray, test_rows: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """The simple nowcasting peers on pair samples (model.samples arrays), log1p predictions (N_test, T):
+
+    counts_stay: the input observation's counts, as they are;
+    szabo_huberman: log-linear growth, log1p(target) = log1p(input) + a_t + b_t · ln(target age / input age),
+    a_t, b_t least squares on the fitting pairs (training videos only)."""
+    x_fit, y_fit = arrays["input_log_labels"][fit_rows], arrays["log_labels"][fit_rows]
+    x_test = arrays["input_log_labels"][test_rows]
+    gap_fit, gap_test = _log_age_gap(arrays, fit_rows), _log_age_gap(arrays, test_rows)
+    growth = np.full_like(x_test, np.nan)
+    for j in range(x_test.shape[1]):
+        ok = np.isfinite(x_fit[:, j]) & np.isfinite(y_fit[:, j]) & np.isfinite(gap_fit)
+        if ok.sum() < 2:
+            continue
+        design = np.stack([np.ones(ok.sum()), gap_fit[ok]], axis=1)
+        (a, b), *_ = np.linalg.lstsq(design, y_fit[ok, j] - x_fit[ok, j], rcond=None)
+        growth[:, j] = a + b * gap_test
+    return {"counts_stay": x_test.copy(), "szabo_huberman": x_test + growth}
+
+
+def nowcast_matrix(batch: Batch, layouts: dict[str, ModalityLayout], arrays: dict[str, np.ndarray],
+                   rows: np.ndarray) -> tuple[np.ndarray, list[str], list[int]]:
+    """tabular_matrix (metadata, history, target log age) plus the input observation's log1p counts and log
+    age: what a practitioner's LightGBM nowcaster sees."""
+    matrix, names, categorical = tabular_matrix(batch, layouts)
+    extra = np.column_stack([arrays["input_log_labels"][rows], np.log1p(arrays["input_age_days"][rows])])
+    names = names + [f"input_log1p_{t}" for t in TARGETS] + ["input_log_age"]
+    return np.column_stack([matrix, extra]), names, categorical

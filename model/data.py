@@ -29,7 +29,7 @@ from featurizers.core.feature_table import (
 
 log = logging.getLogger("popcast.train")
 
-__all__ = ["DEFAULT_VALIDATION_FRACTION", "Batch", "FeatureVersionError", "ModalityInputs", "ModalityLayout",
+__all__ = ["DEFAULT_VALIDATION_FRACTION", "Batch", "Observed", "observed_arrays", "FeatureVersionError", "ModalityInputs", "ModalityLayout",
            "ModelDataError", "RowFile", "Split", "StoredFeatures", "StoredInputs", "build_inputs", "catalog_arrays",
            "check_featurizers", "fit_layout", "fit_stored_layout", "join_rows", "log_age", "make_batch",
            "modality_inputs", "read_features", "usable_modalities", "stream_feature_table", "stream_features",
@@ -241,12 +241,44 @@ class ModalityInputs:
 
 
 @dataclass
+class Observed:
+    """The counts a video already has, as model inputs (nowcasting): its input observation's normalised log1p
+    counts (0 where unknown), which of them are known, and log1p of the age they were read at (0 = none)."""
+    counts: torch.Tensor      # (N, T) float32, in the labels' normalised units
+    mask: torch.Tensor        # (N, T) bool
+    log_age: torch.Tensor     # (N,) float32
+
+    def index(self, rows: torch.Tensor) -> "Observed":
+        return Observed(self.counts[rows], self.mask[rows], self.log_age[rows])
+
+    def to(self, device: str | torch.device) -> "Observed":
+        return Observed(self.counts.to(device), self.mask.to(device), self.log_age.to(device))
+
+
+def observed_arrays(input_log_labels: np.ndarray, input_age_days: np.ndarray, center: np.ndarray,
+                    scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(counts, mask, log_age) numpy arrays of Observed from log1p input counts (NaN = unknown or no input) and
+    input ages (NaN = no input), normalised like the labels (center, scale per target)."""
+    mask = np.isfinite(input_log_labels) & np.isfinite(input_age_days)[:, None]
+    counts = np.where(mask, (np.nan_to_num(input_log_labels) - center) / scale, 0.0).astype(np.float32)
+    ages = np.where(np.isfinite(input_age_days), log_age(np.nan_to_num(input_age_days, nan=MIN_AGE_DAYS)), 0.0)
+    return counts, mask, ages.astype(np.float32)
+
+
+def _observed_tensors(arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> Observed | None:
+    return None if arrays is None else Observed(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+
+
+@dataclass
 class Batch:
-    """Model inputs for N rows: per-modality inputs plus log age, and labels when known."""
+    """Model inputs for N rows: per-modality inputs plus log age, and labels when known.
+
+    `observed` (nowcasting models only): the counts each row's video already has; None = none for any row."""
     modalities: dict[str, ModalityInputs]
     log_age: torch.Tensor                       # (N,) float32, log1p(age in days)
     labels: torch.Tensor | None = None          # (N, T) float32 log1p(count), NaN-free
     label_mask: torch.Tensor | None = None      # (N, T) bool: label known
+    observed: Observed | None = None
 
     def __len__(self) -> int:
         return len(self.log_age)
@@ -254,12 +286,14 @@ class Batch:
     def index(self, rows: torch.Tensor) -> "Batch":
         return Batch({k: v.index(rows) for k, v in self.modalities.items()}, self.log_age[rows],
                      None if self.labels is None else self.labels[rows],
-                     None if self.label_mask is None else self.label_mask[rows])
+                     None if self.label_mask is None else self.label_mask[rows],
+                     None if self.observed is None else self.observed.index(rows))
 
     def to(self, device: str | torch.device) -> "Batch":
         return Batch({k: v.to(device) for k, v in self.modalities.items()}, self.log_age.to(device),
                      None if self.labels is None else self.labels.to(device),
-                     None if self.label_mask is None else self.label_mask.to(device))
+                     None if self.label_mask is None else self.label_mask.to(device),
+                     None if self.observed is None else self.observed.to(device))
 
 
 def join_rows(video_ids: np.ndarray, table: FeatureTable) -> np.ndarray:
@@ -426,20 +460,34 @@ class Split:
                 "validation_from_publish_time": iso(self.validation_cutoff_s)}
 
 
+def _per_video(rows: np.ndarray, video_ids: np.ndarray | None) -> np.ndarray:
+    """`rows` with one row per video id (its first); all of them when there are no ids."""
+    if video_ids is None or not len(rows):
+        return rows
+    first = (pl.DataFrame({"video": pl.Series(video_ids[rows].astype(str), dtype=pl.String)})
+             .with_row_index("i").unique(subset="video", keep="first", maintain_order=True).get_column("i"))
+    return rows[first.to_numpy()]
+
+
 def time_split(publish_s: np.ndarray, labelled: np.ndarray, quantile: float,
-               validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> Split:
-    """Time-ordered split of labelled rows: publish_time ≥ q-quantile → test; latest part of train → val."""
+               validation_fraction: float = DEFAULT_VALIDATION_FRACTION, video_ids: np.ndarray | None = None
+               ) -> Split:
+    """Time-ordered split of labelled rows: publish_time ≥ q-quantile → test; latest part of train → val.
+
+    With video_ids (rows of one video share its publish_time), the quantiles are over distinct videos, so a
+    video observed nine times weighs as much as one observed once; with unique ids it is the same split."""
     if not 0.0 < quantile < 1.0:
         raise ModelDataError(f"split quantile must be in (0, 1), got {quantile}")
     rows = np.flatnonzero(labelled & np.isfinite(publish_s))
     if len(rows) < 10:
         raise ModelDataError(f"only {len(rows)} labelled rows: too few to train and evaluate")
-    cutoff = float(np.quantile(publish_s[rows], quantile, method="lower"))
+    cutoff = float(np.quantile(publish_s[_per_video(rows, video_ids)], quantile, method="lower"))
     test = rows[publish_s[rows] >= cutoff]
     train_all = rows[publish_s[rows] < cutoff]
     if len(train_all) < 5 or len(test) == 0:
         raise ModelDataError(f"split at quantile {quantile} leaves {len(train_all)} train / {len(test)} test rows")
-    val_cut = float(np.quantile(publish_s[train_all], 1.0 - validation_fraction, method="lower"))
+    val_cut = float(np.quantile(publish_s[_per_video(train_all, video_ids)], 1.0 - validation_fraction,
+                                method="lower"))
     validation = train_all[publish_s[train_all] >= val_cut]
     train = train_all[publish_s[train_all] < val_cut]
     if len(train) == 0 or len(validation) == 0:   # ties in publish time: fall back to a count split
@@ -483,8 +531,10 @@ def usable_modalities(features_dir: str, requested: tuple[str, ...] | list[str] 
 
 
 def make_batch(layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTable], video_ids: np.ndarray,
-               log_ages: np.ndarray, log_labels: np.ndarray | None = None) -> Batch:
-    """Model inputs for the given catalog rows (already subset), labels optional."""
+               log_ages: np.ndarray, log_labels: np.ndarray | None = None,
+               observed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Batch:
+    """Model inputs for the given catalog rows (already subset), labels optional; observed: observed_arrays
+    of the same rows (nowcasting models)."""
     modalities = {name: build_modality_inputs(layout, tables.get(name), video_ids)
                   for name, layout in layouts.items()}
     labels = mask = None
@@ -492,7 +542,8 @@ def make_batch(layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTabl
         mask_np = np.isfinite(log_labels)
         labels = torch.from_numpy(np.where(mask_np, log_labels, 0.0).astype(np.float32))
         mask = torch.from_numpy(mask_np)
-    return Batch(modalities, torch.from_numpy(np.asarray(log_ages, dtype=np.float32)), labels, mask)
+    return Batch(modalities, torch.from_numpy(np.asarray(log_ages, dtype=np.float32)), labels, mask,
+                 _observed_tensors(observed))
 
 
 def check_featurizers(layouts: dict[str, ModalityLayout], tables: dict[str, FeatureTable]) -> None:
@@ -820,6 +871,7 @@ class StoredInputs:
     labels: np.ndarray | None = None     # (N, T) float32, 0 where unknown
     label_mask: np.ndarray | None = None  # (N, T) bool
     slots: np.ndarray | None = None      # this view's slots (None: all of them, in order)
+    observed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # observed_arrays of every slot
 
     def __len__(self) -> int:
         return len(self.log_age) if self.slots is None else len(self.slots)
@@ -830,14 +882,16 @@ class StoredInputs:
         return rows if self.slots is None else self.slots[rows]
 
     def view(self, rows) -> "StoredInputs":
-        return StoredInputs(self.modalities, self.log_age, self.labels, self.label_mask, self._slots(rows))
+        return StoredInputs(self.modalities, self.log_age, self.labels, self.label_mask, self._slots(rows),
+                            self.observed)
 
     def _batch(self, rows, wide: bool) -> Batch:
         slots = self._slots(rows)
         labels = None if self.labels is None else torch.from_numpy(self.labels[slots])
         mask = None if self.label_mask is None else torch.from_numpy(self.label_mask[slots])
+        observed = None if self.observed is None else tuple(a[slots] for a in self.observed)
         return Batch({name: m.read(slots, wide) for name, m in self.modalities.items()},
-                     torch.from_numpy(self.log_age[slots]), labels, mask)
+                     torch.from_numpy(self.log_age[slots]), labels, mask, _observed_tensors(observed))
 
     def index(self, rows) -> Batch:
         """The Batch of the given rows (positions in this view), read from disk."""
@@ -854,7 +908,8 @@ class StoredInputs:
 
 def build_inputs(layouts: dict[str, ModalityLayout], features: dict[str, StoredFeatures], log_ages: np.ndarray,
                  log_labels: np.ndarray | None, directory: str, chunk_rows: int | None = None,
-                 release: bool = False) -> StoredInputs:
+                 release: bool = False, observed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                 ) -> StoredInputs:
     """make_batch for every slot of `features`, chunk_rows (default INPUT_CHUNK_ROWS) rows at a time, into
     StoredInputs (release: close each modality's StoredFeatures once its inputs are built, to free its
     disk space early)."""
@@ -879,4 +934,4 @@ def build_inputs(layouts: dict[str, ModalityLayout], features: dict[str, StoredF
     if log_labels is not None:
         mask = np.isfinite(log_labels)
         labels = np.where(mask, log_labels, 0.0).astype(np.float32)
-    return StoredInputs(modalities, np.asarray(log_ages, dtype=np.float32), labels, mask)
+    return StoredInputs(modalities, np.asarray(log_ages, dtype=np.float32), labels, mask, observed=observed)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.data import Batch, ModalityInputs, ModalityLayout
+from model.data import Batch, ModalityInputs, ModalityLayout, Observed
 
 __all__ = ["QUANTILES", "NetworkConfig", "PopularityNet", "pinball_loss"]
 
@@ -34,6 +34,9 @@ class NetworkConfig:
     # (what trees do) is safer than an extrapolated curve. Set from the training rows by train().
     log_age_min: float | None = None
     log_age_max: float | None = None
+    # Nowcasting: condition on the counts a video already has (Batch.observed) and predict from them where
+    # known. Set by train() when the catalog holds several observations of some videos.
+    nowcast: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -125,6 +128,23 @@ class AgeBasis(nn.Module):
         return torch.cat([torch.exp(-0.5 * z * z), log_age.unsqueeze(1) / 4.0], dim=1)
 
 
+class ObservationEncoder(nn.Module):
+    """A token from the counts a video already has: normalised log1p counts, which are known, the age they
+    were read at and the log-age gap to the requested age (the Szabo–Huberman growth variable)."""
+
+    def __init__(self, cfg: NetworkConfig, age: AgeBasis):
+        super().__init__()
+        self.age = age
+        in_dim = 2 * cfg.n_targets + 2 + (cfg.age_basis + 1)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.width))
+
+    def forward(self, observed: Observed, log_age: torch.Tensor, clamped_input_age: torch.Tensor) -> torch.Tensor:
+        gap = (log_age - observed.log_age).unsqueeze(1)
+        x = torch.cat([observed.counts, observed.mask.to(observed.counts.dtype), observed.log_age.unsqueeze(1) / 4.0,
+                       gap, self.age(clamped_input_age)], dim=1)
+        return self.mlp(x)
+
+
 class PopularityNet(nn.Module):
     """Multimodal fusion → per-target quantiles (p10, p50, p90) of normalised log1p(count)."""
 
@@ -138,6 +158,13 @@ class PopularityNet(nn.Module):
         self.age = AgeBasis(cfg.age_basis)
         age_dim = cfg.age_basis + 1
         fused_dim = cfg.width * len(self.modality_names) + len(self.modality_names) + age_dim
+        if cfg.nowcast:
+            self.observation = ObservationEncoder(cfg, self.age)
+            # Where a count is known, the prediction is that count plus a growth in log space (never less
+            # than zero growth by much: counts accumulate), with its own interval.
+            self.growth_head = nn.Linear(cfg.hidden, cfg.n_targets * 3)
+            self.growth_rate = nn.Linear(cfg.hidden, cfg.n_targets)
+            fused_dim += cfg.width + 1
         self.trunk = nn.Sequential(nn.Linear(fused_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
                                    nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         # FiLM: age scales and shifts the fused representation (counts grow with age, per content).
@@ -163,10 +190,15 @@ class PopularityNet(nn.Module):
             tokens.append(torch.where(present.unsqueeze(1), token, torch.zeros((), dtype=token.dtype,
                                                                                device=token.device)))
             masks.append(present.to(token.dtype).unsqueeze(1))
-        log_age = batch.log_age
-        if self.cfg.log_age_min is not None or self.cfg.log_age_max is not None:
-            log_age = log_age.clamp(self.cfg.log_age_min, self.cfg.log_age_max)
+        log_age = self._clamp(batch.log_age)
         age = self.age(log_age)
+        observed = self._observed(batch) if self.cfg.nowcast else None
+        if observed is not None:
+            known = observed.mask.any(dim=1)
+            token = self.observation(observed, batch.log_age, self._clamp(observed.log_age))
+            tokens.append(torch.where(known.unsqueeze(1), token, torch.zeros((), dtype=token.dtype,
+                                                                               device=token.device)))
+            masks.append(known.to(token.dtype).unsqueeze(1))
         fused = torch.cat(tokens + masks + [age.to(tokens[0].dtype if tokens else age.dtype)], dim=1)
         h = self.trunk(fused)
         gamma, beta = self.film(age).chunk(2, dim=1)
@@ -175,7 +207,28 @@ class PopularityNet(nn.Module):
         center = raw[..., 1] + self.age_curve(age).float()
         low = center - F.softplus(raw[..., 0]) - 1e-3
         high = center + F.softplus(raw[..., 2]) + 1e-3
+        if observed is not None:
+            growth = self.growth_head(h).view(-1, self.cfg.n_targets, 3).float()
+            gap = (batch.log_age - observed.log_age).float().clamp_min(0.0).unsqueeze(1)
+            now = observed.counts.float() + growth[..., 1] + self.growth_rate(h).float() * gap
+            use = observed.mask
+            center = torch.where(use, now, center)
+            low = torch.where(use, now - F.softplus(growth[..., 0]) - 1e-3, low)
+            high = torch.where(use, now + F.softplus(growth[..., 2]) + 1e-3, high)
         return torch.stack([low, center, high], dim=-1)
+
+    def _clamp(self, log_age: torch.Tensor) -> torch.Tensor:
+        if self.cfg.log_age_min is not None or self.cfg.log_age_max is not None:
+            return log_age.clamp(self.cfg.log_age_min, self.cfg.log_age_max)
+        return log_age
+
+    def _observed(self, batch: Batch) -> Observed:
+        """The batch's observations; none known when the batch carries none (cold start for every row)."""
+        if batch.observed is not None:
+            return batch.observed
+        n, t = len(batch.log_age), self.cfg.n_targets
+        zeros = batch.log_age.new_zeros((n, t))
+        return Observed(zeros, torch.zeros((n, t), dtype=torch.bool, device=zeros.device), batch.log_age.new_zeros(n))
 
 
 def pinball_loss(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from featurizers.core import storage
-from featurizers.core.contracts import TARGETS
+from featurizers.core.contracts import TARGETS, UTC_TIMESTAMP
 from model import baselines
 from model.artifact import (
     FORMAT,
@@ -53,11 +53,12 @@ from model.data import (
     check_featurizers,
     fit_stored_layout,
     log_age,
+    observed_arrays,
     stream_features,
-    time_split,
     training_fingerprint,
 )
 from model.metrics import all_target_metrics, mean_mae
+from model.samples import NOWCAST_MIN_GAP_DAYS, Samples, observation_samples, split_samples
 from model.network import QUANTILES, NetworkConfig, PopularityNet, pinball_loss
 
 __all__ = ["TrainingConfig", "train"]
@@ -208,14 +209,19 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
     `catalog` is the conformed catalog table (pipelines.catalog.read_catalog reads one from a path)."""
     started = time.perf_counter()
     training = training or TrainingConfig()
-    arrays = catalog_arrays(catalog)
-    labelled = np.isfinite(arrays["log_labels"]).any(axis=1)
-    split = time_split(arrays["publish_s"], labelled, split_quantile, training.validation_fraction)
+    samples = observation_samples(catalog_arrays(catalog))
+    arrays = samples.arrays
+    split = split_samples(samples, split_quantile, training.validation_fraction)
+    nowcast = bool((~samples.cold[np.concatenate([split.train, split.validation])]).any())
+    if nowcast:
+        log.info("observation log: %d videos with several observations give %d (earlier → later) training pairs",
+                 len(np.unique(arrays["video_id"][~samples.cold].astype(str))),
+                 int((~samples.cold[np.concatenate([split.train, split.validation])]).sum()))
     with ExitStack() as cleanup:
         workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="popcast-train-"))
-        data = _TrainingData.prepare(arrays, split, features_dir, modalities, init_from, workdir)
+        data = _TrainingData.prepare(samples, split, features_dir, modalities, init_from, workdir, nowcast)
         cleanup.callback(data.inputs.close)
-        network = _network_config(network, data.source, arrays, split, clamp_age)
+        network = _network_config(network, data.source, arrays, split, clamp_age, nowcast)
         config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
                                init_from=init_from, freeze=freeze, device=device)
         ensemble = _EnsembleFit(config, data, training, device, data.source, tuple(freeze))
@@ -226,9 +232,13 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
 
         q = _test_predictions(model, data)
         metrics = _test_metrics(q, data, seed, baselines_enabled)
+        nowcasts = None
+        if data.nowcast_test.size:
+            nowcasts = _nowcast_table(q, data)
+            metrics["nowcast"] = nowcast_metrics(data, q[data.nowcast_positions], seed, baselines_enabled)
     config["metrics"] = {"test": metrics, "train_seconds": round(time.perf_counter() - started, 1)}
     result = _metrics_json(config)
-    _write_artifact(output_dir, networks, config, _prediction_table(q, data), result)
+    _write_artifact(output_dir, networks, config, _prediction_table(q, data), result, nowcasts)
     _log_summary(result, started)
     return result
 
@@ -249,7 +259,7 @@ def _fit_layouts(split: Split, slots: np.ndarray, features: dict[str, StoredFeat
 
 
 def _network_config(network: NetworkConfig | None, source: LoadedModel | None, arrays: dict[str, np.ndarray],
-                    split: Split, clamp_age: bool) -> NetworkConfig:
+                    split: Split, clamp_age: bool, nowcast: bool = False) -> NetworkConfig:
     """The architecture: a warm start must rebuild its source's, whatever was asked for.
 
     The caller's NetworkConfig is completed in place (and returned), as callers may read it afterwards.
@@ -258,6 +268,8 @@ def _network_config(network: NetworkConfig | None, source: LoadedModel | None, a
         network = NetworkConfig(**source.config["network"])
     network = network or NetworkConfig()
     network.n_targets = len(TARGETS)
+    if source is None:
+        network.nowcast = nowcast
     if source is None and clamp_age:
         fit_rows = np.concatenate([split.train, split.validation])
         network.log_age_min = float(np.min(log_age(arrays["age_days"][fit_rows])))
@@ -287,19 +299,49 @@ class _TargetNormalisation:
 class _TrainingData:
     """The catalog arrays, split, fitted layouts and the model inputs of every split row (disk-backed,
     StoredInputs) that every training step reads."""
-    arrays: dict[str, np.ndarray]
+    samples: Samples
     split: Split
     layouts: dict[str, ModalityLayout]
     targets: _TargetNormalisation
     log_ages: np.ndarray
-    slots: np.ndarray             # sorted catalog rows of train + validation + test: the rows of `inputs`
+    slots: np.ndarray             # sorted samples of train + validation + test: the rows of `inputs`
     inputs: StoredInputs
     source: LoadedModel | None = None
 
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per-sample arrays (model.samples): a single-observation catalog's are its catalog_arrays."""
+        return self.samples.arrays
+
+    @property
+    def cold_test(self) -> np.ndarray:
+        """Test samples without an input observation: the cold-start evaluation (every test catalog row)."""
+        return self.split.test[self.samples.cold[self.split.test]]
+
+    @property
+    def nowcast_test(self) -> np.ndarray:
+        """Test samples predicting a video's latest observation from its earliest (the nowcast evaluation)."""
+        return self.split.test[~self.samples.cold[self.split.test]]
+
+    @property
+    def cold_positions(self) -> np.ndarray:
+        return np.flatnonzero(self.samples.cold[self.split.test])
+
+    @property
+    def nowcast_positions(self) -> np.ndarray:
+        return np.flatnonzero(~self.samples.cold[self.split.test])
+
+    def cold_split(self) -> Split:
+        """The split restricted to cold samples: what the cold-start baselines are fitted and scored on."""
+        cold = self.samples.cold
+        return Split(self.split.train[cold[self.split.train]], self.split.validation[cold[self.split.validation]],
+                     self.cold_test, self.split.cutoff_s, self.split.validation_cutoff_s)
+
     @classmethod
-    def prepare(cls, arrays: dict[str, np.ndarray], split: Split, features_dir: str,
-                modalities: tuple[str, ...] | None, init_from: str | None, workdir: str) -> "_TrainingData":
-        """Stream the feature tables of the split rows to `workdir`, fit the layouts, build the inputs."""
+    def prepare(cls, samples: Samples, split: Split, features_dir: str, modalities: tuple[str, ...] | None,
+                init_from: str | None, workdir: str, nowcast: bool = False) -> "_TrainingData":
+        """Stream the feature tables of the split samples to `workdir`, fit the layouts, build the inputs."""
+        arrays = samples.arrays
         started = time.perf_counter()
         slots = np.sort(np.concatenate([split.train, split.validation, split.test]))
         features = stream_features(features_dir, modalities, arrays["video_id"][slots], workdir)
@@ -310,15 +352,19 @@ class _TrainingData:
                      time.perf_counter() - started)
             source = load_model(init_from) if init_from else None
             layouts = _fit_layouts(split, slots, features, source)
-            targets = _TargetNormalisation.fit(arrays["log_labels"][split.train])
+            cold_train = split.train[samples.cold[split.train]]
+            targets = _TargetNormalisation.fit(arrays["log_labels"][cold_train])
             log_ages = log_age(arrays["age_days"])
+            observed = (observed_arrays(arrays["input_log_labels"][slots], arrays["input_age_days"][slots],
+                                        targets.center, targets.scale)
+                        if nowcast or (source is not None and source.config["network"].get("nowcast")) else None)
             inputs = build_inputs(layouts, features, log_ages[slots], targets.normalise(arrays["log_labels"][slots]),
-                                  workdir, release=True)
+                                  workdir, release=True, observed=observed)
         finally:
             for stored in features.values():
                 stored.close()
         log.info("inputs: %d rows ready in %.1fs", len(slots), time.perf_counter() - started)
-        return cls(arrays, split, layouts, targets, log_ages, slots, inputs, source)
+        return cls(samples, split, layouts, targets, log_ages, slots, inputs, source)
 
     @property
     def fit_rows(self) -> np.ndarray:
@@ -409,18 +455,20 @@ def _test_predictions(model: LoadedModel, data: _TrainingData, batch_size: int =
 
 
 def _test_metrics(q: np.ndarray, data: _TrainingData, seed: int, baselines_enabled: bool) -> dict:
-    """The network's test metrics, and the baselines' on the same rows."""
-    truth = data.arrays["log_labels"][data.split.test]
+    """The network's cold-start test metrics (every test catalog row, no counts known), and the baselines' on
+    the same rows."""
+    q = q[data.cold_positions]
+    truth = data.arrays["log_labels"][data.cold_test]
     metrics = {"model": all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])}
     if baselines_enabled:
-        metrics.update(fit_baselines(data.arrays, data.split, data.layouts, data.tabular, seed))
+        metrics.update(fit_baselines(data.arrays, data.cold_split(), data.layouts, data.tabular, seed))
     return metrics
 
 
 def _prediction_table(q: np.ndarray, data: _TrainingData) -> pa.Table:
-    """test_predictions.parquet: expected counts and p10/p90 of each test row at its observed age."""
-    test = data.split.test
-    counts = quantiles_to_counts(q)
+    """test_predictions.parquet: expected counts and p10/p90 of each test row at its observed age (cold start)."""
+    test = data.cold_test
+    counts = quantiles_to_counts(q[data.cold_positions])
     columns = {"video_id": pa.array(data.arrays["video_id"][test].astype(str), pa.string()),
                "observed_age_days": pa.array(data.arrays["age_days"][test])}
     for target in TARGETS:
@@ -436,13 +484,40 @@ def _metrics_json(config: dict) -> dict:
             "train_seconds": config["metrics"]["train_seconds"], "history": config["history"]}
 
 
+def _timestamps(seconds: np.ndarray) -> pa.Array:
+    micros = np.round(seconds * 1e6)
+    return pa.array(np.where(np.isfinite(micros), micros, 0).astype(np.int64), pa.int64(),
+                    mask=~np.isfinite(micros)).cast(UTC_TIMESTAMP)
+
+
+def _nowcast_table(q: np.ndarray, data: _TrainingData) -> pa.Table:
+    """test_nowcasts.parquet: for each test video observed at least NOWCAST_MIN_GAP_DAYS apart, its counts at its
+    latest observation predicted from its earliest (and p10/p90)."""
+    rows = data.nowcast_test
+    counts = quantiles_to_counts(q[data.nowcast_positions])
+    arrays = data.arrays
+    columns = {"video_id": pa.array(arrays["video_id"][rows].astype(str), pa.string()),
+               "input_observed_at": _timestamps(arrays["input_observed_s"][rows]),
+               "target_observed_at": _timestamps(arrays["observed_s"][rows]),
+               "input_age_days": pa.array(arrays["input_age_days"][rows]),
+               "target_age_days": pa.array(arrays["age_days"][rows])}
+    for prefix in ("pred", "p10", "p90"):
+        for target in TARGETS:
+            columns[f"{prefix}_{target}"] = pa.array(counts[f"{prefix}_{target}"])
+    return pa.table(columns)
+
+
 def _write_artifact(output_dir: str, networks: list[PopularityNet], config: dict, predictions: pa.Table,
-                    metrics: dict) -> None:
-    """MODEL_DIR: weights + config.json, test_predictions.parquet and metrics.json."""
+                    metrics: dict, nowcasts: pa.Table | None = None) -> None:
+    """MODEL_DIR: weights + config.json, test_predictions.parquet, test_nowcasts.parquet (observation logs) and
+    metrics.json."""
     save_model(output_dir, networks, config)
     fs, root = storage.filesystem_and_path(output_dir)
     with fs.open_output_stream(f"{root}/test_predictions.parquet") as out:
         pq.write_table(predictions, out)
+    if nowcasts is not None:
+        with fs.open_output_stream(f"{root}/test_nowcasts.parquet") as out:
+            pq.write_table(nowcasts, out)
     storage.write_bytes(storage.join(output_dir, "metrics.json"),
                         json.dumps(metrics, indent=1, default=json_default).encode())
 
@@ -503,4 +578,59 @@ def fit_baselines(arrays: dict, split: Split, layouts: dict[str, ModalityLayout]
         if len(train_rows) < len(split.train) or len(validation_rows) < len(split.validation):
             out[label]["sampled"] = {"train_rows": len(train_rows), "validation_rows": len(validation_rows),
                                      "of_train_rows": len(split.train), "of_validation_rows": len(split.validation)}
+    return out
+
+
+# Buckets of the nowcast report (days): the input observation's age, and the gap to the target observation.
+NOWCAST_INPUT_AGE_BUCKETS = (0.0, 0.5, 1.0, 2.0, 4.0, math.inf)
+NOWCAST_GAP_BUCKETS = (0.5, 1.0, 2.0, 4.0, math.inf)
+
+
+def nowcast_metrics(data: _TrainingData, q: np.ndarray, seed: int, peers_enabled: bool = True) -> dict:
+    """Nowcast test metrics of the network (q: its quantiles on data.nowcast_test) beside the in-house peers
+    fitted on the training videos' pairs, overall and by input age and gap."""
+    arrays, rows = data.arrays, data.nowcast_test
+    truth = arrays["log_labels"][rows]
+    predictions = {"model": q[..., 1]}
+    out: dict = {"protocol": ("each test video observed twice or more, at least "
+                              f"{NOWCAST_MIN_GAP_DAYS * 24:g} h apart: its counts at its latest observation "
+                              "predicted from its content and its earliest observation"),
+                 "n_videos": int(len(rows)), "model": all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])}
+    if peers_enabled:
+        fit = data.split.train[~data.samples.cold[data.split.train]]
+        val = data.split.validation[~data.samples.cold[data.split.validation]]
+        peers = baselines.nowcast_peers(arrays, np.sort(np.concatenate([fit, val])), rows)
+        train_rows = _sample_rows(fit, BASELINE_MAX_TRAIN_ROWS, seed)
+        val_rows = _sample_rows(val, BASELINE_MAX_TRAIN_ROWS // 4, seed + 1)
+        matrix = lambda r: baselines.nowcast_matrix(data.tabular(r), data.layouts, arrays, r)   # noqa: E731
+        tr_x, names, cats = matrix(train_rows)
+        va_x, te_x = matrix(val_rows)[0], matrix(rows)[0]
+        for label, objective in (("lightgbm", "regression"), ("lightgbm_l1", "regression_l1")):
+            pred = baselines.lightgbm_predictions(tr_x, arrays["log_labels"][train_rows], va_x,
+                                                  arrays["log_labels"][val_rows], te_x, cats, seed, objective)
+            if pred is not None:
+                peers[label] = pred
+        for name, pred in peers.items():
+            predictions[name] = pred
+            out[name] = all_target_metrics(truth, pred)
+        if "lightgbm" in peers:
+            out["lightgbm"]["features"] = names
+    out["by_input_age"] = _bucket_metrics(truth, predictions, arrays["input_age_days"][rows], NOWCAST_INPUT_AGE_BUCKETS)
+    out["by_gap"] = _bucket_metrics(truth, predictions, arrays["age_days"][rows] - arrays["input_age_days"][rows],
+                                    NOWCAST_GAP_BUCKETS)
+    return out
+
+
+def _bucket_metrics(truth: np.ndarray, predictions: dict[str, np.ndarray], days: np.ndarray,
+                    edges: tuple[float, ...]) -> dict:
+    """{"lo–hi d": {"n": rows, name: {target: MAE(log1p)}}} for each bucket of `days` holding test rows."""
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (days >= lo) & (days < hi)
+        if not inside.any():
+            continue
+        label = f"{lo:g}–{hi:g} d" if math.isfinite(hi) else f"≥ {lo:g} d"
+        out[label] = {"n": int(inside.sum()), **{
+            name: {t: m["mae_log1p"] for t, m in all_target_metrics(truth[inside], pred[inside]).items()}
+            for name, pred in predictions.items()}}
     return out
