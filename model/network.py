@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from featurizers.core.contracts import MIN_AGE_DAYS
 from model.data import Batch, ModalityInputs, ModalityLayout, Observed
 
 __all__ = ["QUANTILES", "NetworkConfig", "PopularityNet", "pinball_loss"]
@@ -128,21 +129,39 @@ class AgeBasis(nn.Module):
         return torch.cat([torch.exp(-0.5 * z * z), log_age.unsqueeze(1) / 4.0], dim=1)
 
 
-class ObservationEncoder(nn.Module):
-    """A token from the counts a video already has: normalised log1p counts, which are known, the age they
-    were read at and the log-age gap to the requested age (the Szabo–Huberman growth variable)."""
+def _log_days(log1p_age: torch.Tensor) -> torch.Tensor:
+    """ln(age in days) from log1p(age): the scale on which counts grow (Szabo & Huberman)."""
+    return torch.log(torch.expm1(log1p_age.float()).clamp_min(MIN_AGE_DAYS))
 
-    def __init__(self, cfg: NetworkConfig, age: AgeBasis):
+
+class Nowcaster(nn.Module):
+    """The nowcasting path: from the counts a video already has (normalised log1p, which are known), the age
+    they were read at, the log-age ratio to the requested age (the Szabo–Huberman growth variable), the content
+    tokens and the cold-start trunk's state, the growth of each count in log space and its interval.
+    Its own MLP, without dropout: growth is a precise quantity, and the cold path keeps its trunk."""
+
+    def __init__(self, cfg: NetworkConfig, content_dim: int, age: AgeBasis):
         super().__init__()
         self.age = age
-        in_dim = 2 * cfg.n_targets + 2 + (cfg.age_basis + 1)
-        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.width))
+        in_dim = 2 * cfg.n_targets + 3 + (cfg.age_basis + 1) + content_dim + cfg.hidden
+        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden),
+                                 nn.GELU())
+        self.head = nn.Linear(cfg.hidden, cfg.n_targets * 3)
+        self.rate = nn.Linear(cfg.hidden, cfg.n_targets)
 
-    def forward(self, observed: Observed, log_age: torch.Tensor, clamped_input_age: torch.Tensor) -> torch.Tensor:
-        gap = (log_age - observed.log_age).unsqueeze(1)
-        x = torch.cat([observed.counts, observed.mask.to(observed.counts.dtype), observed.log_age.unsqueeze(1) / 4.0,
-                       gap, self.age(clamped_input_age)], dim=1)
-        return self.mlp(x)
+    def forward(self, observed: Observed, log_age: torch.Tensor, clamped_input_age: torch.Tensor,
+                content: torch.Tensor, trunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(growth quantile parameters (B, T, 3), ln age ratio (B, 1))."""
+        ln_input = _log_days(observed.log_age)
+        ln_gap = (_log_days(log_age) - ln_input).clamp_min(0.0).unsqueeze(1)
+        counts = observed.counts.float()
+        x = torch.cat([counts, observed.mask.to(counts.dtype), ln_input.unsqueeze(1) / 4.0, ln_gap,
+                       (log_age - observed.log_age).float().unsqueeze(1), self.age(clamped_input_age).float(),
+                       content.float(), trunk.float()], dim=1)
+        h = self.mlp(x)
+        growth = self.head(h).view(-1, counts.shape[1], 3)
+        center = growth[..., 1] + self.rate(h) * ln_gap
+        return torch.stack([growth[..., 0], center, growth[..., 2]], dim=-1), ln_gap
 
 
 class PopularityNet(nn.Module):
@@ -159,12 +178,10 @@ class PopularityNet(nn.Module):
         age_dim = cfg.age_basis + 1
         fused_dim = cfg.width * len(self.modality_names) + len(self.modality_names) + age_dim
         if cfg.nowcast:
-            self.observation = ObservationEncoder(cfg, self.age)
-            # Where a count is known, the prediction is that count plus a growth in log space (never less
-            # than zero growth by much: counts accumulate), with its own interval.
-            self.growth_head = nn.Linear(cfg.hidden, cfg.n_targets * 3)
-            self.growth_rate = nn.Linear(cfg.hidden, cfg.n_targets)
-            fused_dim += cfg.width + 1
+            # Where a count is known, the prediction is that count plus a growth in log space, with its own
+            # interval; the cold-start path below is unchanged.
+            self.nowcaster = Nowcaster(cfg, cfg.width * len(self.modality_names) + len(self.modality_names),
+                                       self.age)
         self.trunk = nn.Sequential(nn.Linear(fused_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
                                    nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         # FiLM: age scales and shifts the fused representation (counts grow with age, per content).
@@ -192,13 +209,6 @@ class PopularityNet(nn.Module):
             masks.append(present.to(token.dtype).unsqueeze(1))
         log_age = self._clamp(batch.log_age)
         age = self.age(log_age)
-        observed = self._observed(batch) if self.cfg.nowcast else None
-        if observed is not None:
-            known = observed.mask.any(dim=1)
-            token = self.observation(observed, batch.log_age, self._clamp(observed.log_age))
-            tokens.append(torch.where(known.unsqueeze(1), token, torch.zeros((), dtype=token.dtype,
-                                                                               device=token.device)))
-            masks.append(known.to(token.dtype).unsqueeze(1))
         fused = torch.cat(tokens + masks + [age.to(tokens[0].dtype if tokens else age.dtype)], dim=1)
         h = self.trunk(fused)
         gamma, beta = self.film(age).chunk(2, dim=1)
@@ -207,10 +217,12 @@ class PopularityNet(nn.Module):
         center = raw[..., 1] + self.age_curve(age).float()
         low = center - F.softplus(raw[..., 0]) - 1e-3
         high = center + F.softplus(raw[..., 2]) + 1e-3
-        if observed is not None:
-            growth = self.growth_head(h).view(-1, self.cfg.n_targets, 3).float()
-            gap = (batch.log_age - observed.log_age).float().clamp_min(0.0).unsqueeze(1)
-            now = observed.counts.float() + growth[..., 1] + self.growth_rate(h).float() * gap
+        if self.cfg.nowcast:
+            observed = self._observed(batch)
+            content = torch.cat(tokens + masks, dim=1) if tokens else h.new_zeros((len(h), 0))
+            growth, _ = self.nowcaster(observed, batch.log_age, self._clamp(observed.log_age), content, h)
+            growth = growth.float()
+            now = observed.counts.float() + growth[..., 1]
             use = observed.mask
             center = torch.where(use, now, center)
             low = torch.where(use, now - F.softplus(growth[..., 0]) - 1e-3, low)

@@ -99,9 +99,25 @@ def _pairs(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nd
     return row[source].astype(np.int64), row[target].astype(np.int64), first_to_last
 
 
+def _publish_time_of_earliest_observation(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every row of a video with the publish time of its earliest observation (a real log has the odd video
+    re-dated between crawls; a video must fall on one side of the split), ages recomputed from it."""
+    frame = pl.DataFrame({"video": pl.Series(arrays["video_id"].astype(str), dtype=pl.String),
+                          "t": arrays["observed_s"], "p": arrays["publish_s"]})
+    canonical = (frame.with_columns(pl.col("p").sort_by(pl.col("t").fill_nan(None), nulls_last=True)
+                                    .first().over("video")).get_column("p").to_numpy())
+    if np.array_equal(canonical, arrays["publish_s"], equal_nan=True):
+        return arrays
+    out = dict(arrays)
+    out["publish_s"] = canonical
+    out["age_days"] = np.maximum((arrays["observed_s"] - canonical) / 86_400.0, MIN_AGE_DAYS)
+    return out
+
+
 def observation_samples(arrays: dict[str, np.ndarray]) -> Samples:
     """Cold samples (every catalog row, in order) followed by the (earlier → later) pairs of each video."""
     n = len(arrays["video_id"])
+    arrays = _publish_time_of_earliest_observation(arrays)
     source, target, first_to_last = _pairs(arrays)
     out = {key: np.concatenate([value, value[target]]) for key, value in arrays.items()}
     out["target_row"] = np.concatenate([np.arange(n, dtype=np.int64), target])

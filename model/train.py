@@ -105,11 +105,17 @@ def _lr_factor(epoch: int, step: int, steps: int, total_epochs: int, warmup: int
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _evaluate_loss(net: PopularityNet, batch: Batch | StoredInputs, device: str, bs: int = 4096
-                   ) -> tuple[float, float]:
-    """(pinball loss, MAE of the median) on normalised labels over known labels."""
+def _evaluate_loss(net: PopularityNet, batch: Batch | StoredInputs, device: str, bs: int = 4096,
+                   groups: np.ndarray | None = None) -> tuple[float, float]:
+    """(pinball loss, MAE of the median) on normalised labels over known labels.
+
+    groups (an int per row, e.g. cold start 0 / nowcast pair 1): the MAE is the mean of each group's MAE, so a
+    small group with small errors (nowcasts) steers early stopping as much as a large noisy one."""
     net.eval()
-    total_loss = total_abs = count = 0.0
+    total_loss = count = 0.0
+    groups = np.zeros(len(batch), dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    abs_sums = np.zeros(int(groups.max(initial=0)) + 1)
+    abs_counts = np.zeros_like(abs_sums)
     with torch.inference_mode(), autocast(device):
         for start in range(0, len(batch), bs):
             rows = torch.arange(start, min(start + bs, len(batch)))
@@ -118,14 +124,22 @@ def _evaluate_loss(net: PopularityNet, batch: Batch | StoredInputs, device: str,
             known = part.label_mask.sum().item()
             total_loss += pinball_loss(pred, part.labels, part.label_mask).item() * known
             err = (pred[..., 1] - part.labels).abs()
-            total_abs += torch.where(part.label_mask, err, torch.zeros_like(err)).sum().item()
+            row_abs = torch.where(part.label_mask, err, torch.zeros_like(err)).sum(dim=1).double().cpu().numpy()
+            row_known = part.label_mask.sum(dim=1).double().cpu().numpy()
+            np.add.at(abs_sums, groups[start:start + len(rows)], row_abs)
+            np.add.at(abs_counts, groups[start:start + len(rows)], row_known)
             count += known
-    return total_loss / max(count, 1), total_abs / max(count, 1)
+    present = abs_counts > 0
+    group_mae = abs_sums[present] / abs_counts[present]
+    mae = float(np.mean(group_mae)) if present.any() else 0.0
+    if len(group_mae) > 1:
+        log.info("validation MAE per group (cold start, nowcast): %s", ", ".join(f"{v:.4f}" for v in group_mae))
+    return total_loss / max(count, 1), mae
 
 
 def fit_network(net: PopularityNet, train_batch: Batch | StoredInputs, val_batch: Batch | StoredInputs | None,
-                cfg: TrainingConfig, seed: int, device: str, fixed_epochs: int | None = None, tag: str = ""
-                ) -> tuple[PopularityNet, list[dict]]:
+                cfg: TrainingConfig, seed: int, device: str, fixed_epochs: int | None = None, tag: str = "",
+                val_groups: np.ndarray | None = None) -> tuple[PopularityNet, list[dict]]:
     """AdamW + warm-up/cosine schedule; early stopping on validation MAE (restores the best epoch).
 
     The batches are anything with len() and index(rows) → Batch: an in-memory Batch or disk-backed
@@ -161,7 +175,7 @@ def fit_network(net: PopularityNet, train_batch: Batch | StoredInputs, val_batch
             running += loss.item()
         record = {"epoch": epoch + 1, "train_loss": running / steps}
         if val_batch is not None and fixed_epochs is None:
-            record["val_loss"], record["val_mae"] = _evaluate_loss(net, val_batch, device)
+            record["val_loss"], record["val_mae"] = _evaluate_loss(net, val_batch, device, groups=val_groups)
             if record["val_mae"] < best - 1e-5:
                 best, bad = record["val_mae"], 0
                 best_state = copy.deepcopy(net.state_dict())
@@ -430,8 +444,10 @@ class _EnsembleFit:
 
     def _fit_member(self, member: int, member_seed: int, train_batch: StoredInputs, val_batch: StoredInputs
                     ) -> tuple[PopularityNet, dict]:
+        # Early stopping weighs cold starts and nowcasts equally (each group's MAE, averaged).
+        val_groups = (~self.data.samples.cold[self.data.split.validation]).astype(np.int64)
         net, history = fit_network(self._initial_network(member_seed), train_batch, val_batch, self.training,
-                                   member_seed, self.device, tag=f"[m{member}] ")
+                                   member_seed, self.device, tag=f"[m{member}] ", val_groups=val_groups)
         best_epoch = max([h["epoch"] for h in history if h.get("best")] or [len(history)])
         if not self.training.refit_full_train:
             return net, {"early_stopping": history, "best_epoch": best_epoch}

@@ -22,14 +22,16 @@ from featurizers.core import storage
 from featurizers.core.contracts import (
     CATALOG_COLUMNS,
     CATALOG_SCHEMA,
+    OBSERVATION_KEY,
     REQUIRED_COLUMNS,
+    STATIC_COLUMNS,
     SUPPORTED_URI_SCHEMES,
     TARGETS,
     UTC_TIMESTAMP,
 )
 
 __all__ = ["CatalogProblem", "CatalogError", "read_raw", "conform", "check", "read_catalog", "write_catalog",
-           "summarize"]
+           "summarize", "static_conflicts"]
 
 MAX_PROBLEMS_SHOWN = 50
 
@@ -246,12 +248,7 @@ def check(table: pa.Table, labels: list[str] | None = None) -> list[CatalogProbl
     for name in REQUIRED_COLUMNS:
         nulls = np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))
         problems += [CatalogProblem(name, labels[i], "required value is null") for i in nulls]
-    ids = table.column("video_id")
-    counts = pc.value_counts(ids.drop_null())
-    dupes = counts.filter(pc.greater(counts.field("counts"), 1))
-    for item in dupes.to_pylist():
-        problems.append(CatalogProblem("video_id", f"video_id={item['values']}",
-                                       f"duplicate video_id ({item['counts']} rows)"))
+    problems += _observation_problems(table)
     before = pc.fill_null(pc.less(table.column("observed_at"), table.column("publish_time")), False)
     for i in np.flatnonzero(before.to_numpy(zero_copy_only=False)):
         problems.append(CatalogProblem("observed_at", labels[i], "observed_at is before publish_time"))
@@ -266,6 +263,49 @@ def check(table: pa.Table, labels: list[str] | None = None) -> list[CatalogProbl
             problems.append(CatalogProblem("video_uri", labels[i],
                                            f"unsupported URI scheme {storage.scheme_of(uri)!r} in {uri!r} "
                                            "(use a local path, file:// or gs://)"))
+    return problems
+
+
+def _observation_frame(table: pa.Table):
+    """video_id, observed_at and the STATIC_COLUMNS (lists joined to text) as a polars frame, null ids out."""
+    import polars as pl
+    columns = {"video_id": table.column("video_id"), "observed_at": table.column("observed_at")}
+    for name in STATIC_COLUMNS:
+        if name in table.column_names:
+            column = table.column(name)
+            if pa.types.is_list(column.type):   # compare lists by value: joined text, null stays null
+                column = pc.binary_join(column, "\x1f")
+            columns[name] = column
+    return pl.from_arrow(pa.table(columns)).filter(pl.col("video_id").is_not_null())
+
+
+def _observation_problems(table: pa.Table) -> list[CatalogProblem]:
+    """The observation-log rule: (video_id, observed_at) is unique (vectorised: a million rows in a second)."""
+    import polars as pl
+    frame = _observation_frame(table)
+    problems = []
+    dupes = frame.group_by(list(OBSERVATION_KEY)).len().filter(pl.col("len") > 1).sort("video_id")
+    for video, observed, n in dupes.iter_rows():
+        problems.append(CatalogProblem("observed_at", f"video_id={video}",
+                                       f"duplicate observation (video_id, observed_at={observed}): {n} rows"))
+    return problems
+
+
+def static_conflicts(table: pa.Table) -> list[CatalogProblem]:
+    """Videos whose observations disagree on a STATIC_COLUMNS value (reported by `popcast validate`, not
+    refused: real logs have edited captions and the odd re-dated video; each video's EARLIEST observation is
+    what featurize reads and what the model's split and ages use)."""
+    import polars as pl
+    frame = _observation_frame(table)
+    problems = []
+    statics = [n for n in STATIC_COLUMNS if n in frame.columns]
+    several = frame.filter(pl.len().over("video_id") > 1)
+    if several.height and statics:
+        distinct = several.group_by("video_id").agg([pl.col(n).n_unique().alias(n) for n in statics]).sort("video_id")
+        for name in statics:
+            for video in distinct.filter(pl.col(name) > 1).get_column("video_id").to_list():
+                problems.append(CatalogProblem(name, f"video_id={video}",
+                                               "conflicting values across the video's observations (a static field)"))
     return problems
 
 
@@ -297,4 +337,11 @@ def summarize(table: pa.Table) -> dict:
         "label_coverage": coverage,
         "media_coverage": round(1 - table.column("video_uri").null_count / n, 4) if n else 0.0,
         "authors": pc.count_distinct(table.column("author_id")).as_py(),
+        "videos": pc.count_distinct(table.column("video_id")).as_py(),
+        "videos_observed_twice_or_more": _videos_observed_twice(table),
     }
+
+
+def _videos_observed_twice(table: pa.Table) -> int:
+    counts = pc.value_counts(table.column("video_id").drop_null())
+    return int(pc.sum(pc.greater(counts.field("counts"), 1)).as_py() or 0) if len(counts) else 0

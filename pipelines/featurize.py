@@ -26,6 +26,7 @@ from featurizers.core.contracts import (
     FeatureSpec,
 )
 from featurizers.core.feature_table import featurized_ids, rows_needing_work
+from featurizers.core.observations import earliest_observations
 from featurizers.decode import SAMPLINGS
 from featurizers.history import curve_from_spec_config
 from pipelines import publish
@@ -186,7 +187,12 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
                        {"features": args.output})
     config = make_config(args, run_id)
     specs = feature_specs(config)
-    catalog = read_catalog(args.catalog)
+    observations = read_catalog(args.catalog)
+    # Content features are computed once per video, from its earliest observation (an observation log holds
+    # several rows per video); every row of a video is accounted for by its video's outcome.
+    catalog = earliest_observations(observations)
+    rows_in = observations.num_rows
+    del observations
     if "history" in config.modalities:
         # History depends on other rows' labels, so it is recomputed for every row on each run (and
         # published with replace below); the age curve is fitted here, on the labelled catalog rows.
@@ -198,7 +204,8 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     staging = places.staging(run_id)
     input_path = storage.join(staging, "_input", "rows.parquet")
     publish.write_table(todo, input_path)
-    logging.info("featurize %s: %d rows in, %d need work", run_id, catalog.num_rows, todo.num_rows)
+    logging.info("featurize %s: %d rows in (%d videos), %d need work", run_id, rows_in, catalog.num_rows,
+                 todo.num_rows)
 
     start = time.time()
     counters = run_beam(lambda p: build_pipeline(p, input_path, staging, config, specs, todo.num_rows),
@@ -211,7 +218,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     todo_ids = set(todo.column("video_id").to_pylist())
     decoded = counters.get("videos_decoded", 0)
     summary = FeaturizeSummary(
-        run_id=run_id, rows_in=catalog.num_rows, skipped_already_featurized=catalog.num_rows - todo.num_rows,
+        run_id=run_id, rows_in=rows_in, skipped_already_featurized=catalog.num_rows - todo.num_rows,
         rows_featurized=todo.num_rows, ok={m: t.num_rows for m, t in published.items()},
         errors_by_reason=errors_by_reason(errors), rows_unaccounted=len(todo_ids - featured_ids - error_ids),
         seconds=seconds, rows_worked=todo.num_rows, rows_dead_lettered=len(todo_ids & error_ids),

@@ -211,6 +211,7 @@ def generate_rows(n: int, seed: int = 0, size_scale: float = 1.0) -> tuple[pa.Ta
         "author_followers": np.round(np.exp(popularity.log_followers)).astype(np.int64),
         "music_id": music_ids,
         "language": language,
+        "category": pa.nulls(n, pa.string()),
         "observed_at": timing.observed,
         "views": popularity.views,
         "likes": likes,

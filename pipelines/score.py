@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import apache_beam as beam
 import numpy as np
@@ -29,7 +29,7 @@ from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from featurizers.core import storage
-from featurizers.core.contracts import ERRORS_SCHEMA, OPTIONAL_MODALITIES, PREDICTION_COLUMNS, FeatureSpec
+from featurizers.core.contracts import ERRORS_SCHEMA, OPTIONAL_MODALITIES, PREDICTION_COLUMNS, TARGETS, FeatureSpec
 from featurizers.core.feature_table import (
     FEATURE_ROW_GROUP_ROWS,
     NEEDS_COLUMN,
@@ -40,6 +40,7 @@ from featurizers.core.feature_table import (
     parquet_files,
     write_sorted,
 )
+from featurizers.core.observations import latest_observations
 from featurizers.history import curve_from_spec_config
 from model.artifact import LoadedModel, load_model
 from pipelines import publish
@@ -64,6 +65,7 @@ from pipelines.job import (
     resolve_device,
     run_beam,
     start_run,
+    utc_instant,
 )
 from pipelines.score_transforms import ReadShard, ScoreHandler, ShardSources, ValidateShard, on_the_fly_config
 from pipelines.transforms import ERRORS_TAG, CountAndLog, FeaturizeConfig, FeaturizeRows, ToArrowTables, error_row
@@ -91,7 +93,11 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--start", default=None, type=iso_date, help="first date of a backfill (inclusive)")
     parser.add_argument("--end", default=None, type=iso_date, help="last date of a backfill (inclusive)")
     parser.add_argument("--horizon-days", type=positive_float, default=7.0,
-                        help="age (days since publication) at which counts are predicted")
+                        help="age (days since publication) at which counts are predicted; a video already older "
+                             "whose counts are known is predicted at the age of its latest observation")
+    parser.add_argument("--as-of", type=utc_instant, default=None, metavar="TIME",
+                        help="reference time (ISO date/time, UTC): each video's latest observation at or before it "
+                             "is used, later ones never (default: now; set it for backfills)")
     parser.add_argument("--shards", type=non_negative_int, default=0,
                         help=f"split the rows into about this many shards (default: {ROWS_PER_SHARD:,} rows each)")
     parser.add_argument("--iceberg", default=None,
@@ -253,7 +259,9 @@ def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScoreP
     device = resolve_device(args.device)
     catalog = read_catalog(args.catalog)
     dates = selected_dates(args, catalog)
-    todo = rows_of_dates(catalog, dates)
+    as_of = args.as_of or datetime.now(timezone.utc)
+    # An observation log gives one row per video: its latest observation at the reference time.
+    todo = latest_observations(rows_of_dates(catalog, dates), as_of)
     del catalog
     model = load_model(args.model)
     warnings = horizon_warnings(args.horizon_days, model.trained_age_days)
@@ -275,11 +283,12 @@ def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScoreP
         has_needs = pc.greater(pc.list_value_length(needs), 0)
         publish.write_table(todo.append_column(NEEDS_COLUMN, needs).filter(has_needs), featurize_input)
     rows_input = storage.join(staging, "_input", "rows.parquet")
-    stage_rows_to_score(todo, rows_input)
+    stage_rows_to_score(todo, rows_input, OBSERVATION_COLUMNS if model.nowcasts else ())
     scored_schema = pa.schema(list(todo.schema) + [pa.field(c.name, c.type) for c in PREDICTION_COLUMNS])
     history = None
     if "history" in model.featurizers:
-        history = stage_history_inputs(read_catalog(args.catalog), todo, args.history, args.features,
+        history = stage_history_inputs(latest_observations(read_catalog(args.catalog), as_of), todo, args.history,
+                                       args.features,
                                        model.featurizers["history"], staging)
     rows_per_shard = -(-todo.num_rows // args.shards) if args.shards else ROWS_PER_SHARD
     sources = ShardSources(rows=rows_input, features={
@@ -293,10 +302,14 @@ def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScoreP
                      history=history, warnings=warnings)
 
 
-def stage_rows_to_score(todo: pa.Table, uri: str) -> None:
-    """Write the join columns of the rows to score with their position in `todo`, sorted by video_id in
-    small row groups (a shard reads only its own), to `uri`."""
-    rows = (todo.select(["video_id", "publish_time"])
+# What a nowcasting model reads from the rows it scores besides their features: the counts known so far.
+OBSERVATION_COLUMNS = ("observed_at", *TARGETS)
+
+
+def stage_rows_to_score(todo: pa.Table, uri: str, extra_columns: tuple[str, ...] = ()) -> None:
+    """Write the join columns (and extra_columns) of the rows to score with their position in `todo`, sorted by
+    video_id in small row groups (a shard reads only its own), to `uri`."""
+    rows = (todo.select(["video_id", "publish_time", *extra_columns])
             .append_column(ROW_COLUMN, pa.array(np.arange(todo.num_rows, dtype=np.int64))))
     fs, path = storage.filesystem_and_path(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

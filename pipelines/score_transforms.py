@@ -203,8 +203,12 @@ class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, LoadedModel]):
                 continue
             if f.name in predictions:
                 columns[f.name] = pa.array(predictions[f.name], f.type)
+        # A nowcasting model says per row which observation it started from and at what age it predicts.
+        columns["horizon_days"] = pa.array(predictions["horizon_days"] if "horizon_days" in predictions
+                                           else np.full(n, self._horizon_days, dtype=np.float64), pa.float64())
+        if "input_observed_at" not in predictions:
+            columns["input_observed_at"] = pa.nulls(n, pa.timestamp("us", tz="UTC"))
         # Constant columns are built by Arrow (pa.repeat), not from n-element Python lists.
-        columns["horizon_days"] = pa.array(np.full(n, self._horizon_days, dtype=np.float64), pa.float64())
         columns["model_version"] = pa.repeat(pa.scalar(model.version, pa.string()), n)
         columns["featurizer_versions"] = pa.repeat(
             pa.scalar(",".join(sorted(model.featurizers.values())), pa.string()), n)

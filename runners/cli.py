@@ -26,7 +26,7 @@ def _validate(argv: list[str]) -> int:
                                      description="Check a catalog against the contract and summarise it.")
     parser.add_argument("--catalog", required=True, help="Parquet file/dir/glob, CSV or JSON Lines; local or gs://")
     args = parser.parse_args(argv)
-    from pipelines.catalog import CatalogError, read_catalog, summarize
+    from pipelines.catalog import CatalogError, read_catalog, static_conflicts, summarize
     try:
         table = read_catalog(args.catalog)
     except CatalogError as err:
@@ -35,6 +35,12 @@ def _validate(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"cannot read catalog {args.catalog}: {err}", file=sys.stderr)
         return 1
+    conflicts = static_conflicts(table)
+    for problem in conflicts[:20]:
+        print(f"warning: {problem}", file=sys.stderr)
+    if len(conflicts) > 20:
+        print(f"warning: ... and {len(conflicts) - 20} more videos whose observations disagree on a static field "
+              "(their earliest observation is used)", file=sys.stderr)
     print(f"valid catalog {args.catalog}")
     print(json.dumps(summarize(table), indent=2, ensure_ascii=False))
     return 0

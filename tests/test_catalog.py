@@ -11,7 +11,7 @@ import pytest
 
 from featurizers.core import storage
 from featurizers.core.contracts import CATALOG_SCHEMA
-from pipelines.catalog import CatalogError, read_catalog, summarize, write_catalog
+from pipelines.catalog import CatalogError, read_catalog, static_conflicts, summarize, write_catalog
 from tests.conftest import REAL_CATALOGS
 
 UTC = timezone.utc
@@ -134,7 +134,7 @@ GOOD = {"video_id": "ok", "publish_time": "2025-01-01T00:00:00Z"}
     ([GOOD, {"video_id": "bad-ts", "publish_time": "yesterday"}],
      "publish_time: video_id=bad-ts: unparseable timestamp 'yesterday'"),
     ([GOOD, {"video_id": "dup", "publish_time": "2025-01-01T00:00:00Z"},
-      {"video_id": "dup", "publish_time": "2025-01-02T00:00:00Z"}], "video_id: video_id=dup: duplicate video_id"),
+      {"video_id": "dup", "publish_time": "2025-01-02T00:00:00Z"}], "observed_at: video_id=dup: duplicate observation"),
     ([{**GOOD, "observed_at": "2024-12-31T00:00:00Z"}],
      "observed_at: video_id=ok: observed_at is before publish_time"),
     ([{**GOOD, "likes": -3}], "likes: video_id=ok: negative count -3"),
@@ -150,7 +150,7 @@ def test_every_problem_is_listed(tmp_path):
     message = rejection(tmp_path, [{**GOOD, "views": -1, "shares": -2}, {**GOOD}])
     assert "views: video_id=ok: negative count -1" in message
     assert "shares: video_id=ok: negative count -2" in message
-    assert "duplicate video_id" in message
+    assert "duplicate observation" in message
 
 
 @pytest.mark.parametrize("path", REAL_CATALOGS, ids=lambda p: p.parent.name)
@@ -164,3 +164,35 @@ def test_real_catalogs_load_unchanged(path):
     assert table.column("publish_time").cast(pa.int64()).equals(raw.column("publish_time").cast(pa.int64()))
     summary = summarize(table)
     assert summary["rows"] == raw.num_rows and summary["media_coverage"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------- observation logs
+def test_conflicting_static_field_across_observations_is_reported_not_refused(tmp_path):
+    rows = [{**GOOD, "title": "first", "observed_at": "2025-01-02T00:00:00Z", "views": 5},
+            {**GOOD, "title": "edited", "observed_at": "2025-01-03T00:00:00Z", "views": 9}]
+    path = tmp_path / "log.jsonl"
+    write_jsonl(rows, str(path))
+    table = read_catalog(str(path))   # real logs have edited captions: reported, not refused
+    assert table.num_rows == 2
+    assert [str(p) for p in static_conflicts(table)] == [
+        "title: video_id=ok: conflicting values across the video's observations (a static field)"]
+
+
+def test_daily_partitions_read_together_form_an_observation_log(tmp_path):
+    base = small_catalog()
+    for day, views in ((6, 1500), (7, 2500)):
+        part = base.set_column(base.schema.get_field_index("observed_at"), "observed_at",
+                               pa.array([datetime(2025, 1, day, tzinfo=UTC)] * 2, CATALOG_SCHEMA.field("observed_at").type))
+        part = part.set_column(part.schema.get_field_index("views"), "views", pa.array([views, None], pa.int64()))
+        (tmp_path / f"dt=2025-01-0{day}").mkdir()
+        pq.write_table(part, tmp_path / f"dt=2025-01-0{day}" / "part-0.parquet")
+    table = read_catalog(str(tmp_path))
+    assert table.num_rows == 4
+    facts = summarize(table)
+    assert facts["videos"] == 2 and facts["videos_observed_twice_or_more"] == 2
+    # The same observation twice (a day's partition written twice) is refused.
+    (tmp_path / "dt=2025-01-08").mkdir()
+    pq.write_table(pq.read_table(tmp_path / "dt=2025-01-07" / "part-0.parquet"),
+                   tmp_path / "dt=2025-01-08" / "part-0.parquet")
+    with pytest.raises(CatalogError, match="duplicate observation"):
+        read_catalog(str(tmp_path))

@@ -43,4 +43,4 @@ def test_validate_rejects_duplicate_video_id_naming_it(tmp_path):
     result = subprocess.run([sys.executable, "-m", "runners.cli", "validate", "--catalog", str(path)],
                             capture_output=True, text=True)
     assert result.returncode != 0
-    assert f"video_id={table.column('video_id')[3].as_py()}: duplicate video_id" in result.stderr
+    assert f"video_id={table.column('video_id')[3].as_py()}: duplicate observation" in result.stderr

@@ -188,3 +188,50 @@ def test_scoring_starts_from_the_latest_observation_and_says_which(nowcast_model
     cold = model.predict(cold_rows, tables, 30.0)
     assert np.isnat(cold["input_observed_at"]).all()
     assert not np.allclose(cold["pred_views"], out["pred_views"])
+
+
+# ------------------------------------------------------------------------------------------- one row per video
+def test_featurize_reads_earliest_and_score_latest_observation_never_a_later_one():
+    from featurizers.core.observations import earliest_observations, latest_observations
+    table, _ = observation_log(30)
+    observed = table.column("observed_at").to_numpy(zero_copy_only=False)
+    ids = table.column("video_id").to_numpy(zero_copy_only=False)
+    first = earliest_observations(table)
+    assert first.num_rows == len(set(ids))
+    for row in first.to_pylist():
+        assert np.datetime64(row["observed_at"].replace(tzinfo=None), "us") == observed[ids == row["video_id"]].min()
+    as_of = START + timedelta(days=40)
+    latest = latest_observations(table, as_of)
+    assert latest.num_rows == len(set(ids))
+    cutoff = np.datetime64(as_of.replace(tzinfo=None), "us")
+    for row in latest.to_pylist():
+        mine = observed[ids == row["video_id"]]
+        if (mine <= cutoff).any():
+            assert np.datetime64(row["observed_at"].replace(tzinfo=None), "us") == mine[mine <= cutoff].max()
+        else:   # only observed later than the reference time: a cold start, no count peeked at
+            assert all(row[t] is None for t in TARGETS)
+    assert any(all(r[t] is None for t in TARGETS) for r in latest.to_pylist())
+
+
+def test_score_job_nowcasts_from_the_latest_observation_as_of(nowcast_model, tmp_path):
+    from pipelines.score import run as score
+    table = nowcast_model["table"]
+    catalog = str(tmp_path / "log.parquet")
+    pq.write_table(table, catalog)
+    features = os.path.join(os.path.dirname(nowcast_model["model_dir"]), "features")
+    as_of = START + timedelta(days=50)
+    summary = score(["--catalog", catalog, "--features", features, "--model", nowcast_model["model_dir"],
+                     "--output", str(tmp_path / "scored"), "--start", "2024-01-01", "--end", "2024-02-15",
+                     "--as-of", as_of.isoformat(), "--runner", "DirectRunner", "--direct_running_mode", "in_memory"])
+    assert summary.rows_unaccounted == 0
+    scored = pq.read_table(tmp_path / "scored").to_pylist()
+    videos = {r["video_id"] for r in table.to_pylist() if r["publish_time"].date() <= as_of.date()
+              and r["publish_time"] < START + timedelta(days=46)}
+    assert {r["video_id"] for r in scored} == videos and len(scored) == len(videos)
+    for row in scored:
+        if row["input_observed_at"] is None:
+            assert row["views"] is None   # cold start: nothing observed by the reference time
+        else:
+            assert row["input_observed_at"] == row["observed_at"] <= as_of
+            assert row["horizon_days"] >= 7.0
+    assert any(r["input_observed_at"] is None for r in scored) and any(r["input_observed_at"] for r in scored)

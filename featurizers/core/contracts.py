@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 __all__ = ["TARGETS", "Column", "UTC_TIMESTAMP", "CATALOG_COLUMNS", "CATALOG_SCHEMA", "REQUIRED_COLUMNS",
+           "OBSERVATION_KEY", "STATIC_COLUMNS",
            "LABEL_COLUMNS", "SUPPORTED_URI_SCHEMES", "ERRORS_SCHEMA", "MODALITIES", "MEDIA_MODALITIES",
            "OPTIONAL_MODALITIES", "DEFAULT_FEATURIZE_MODALITIES", "MIN_AGE_DAYS", "MISSING_VECTOR",
            "FEATURE_KEY_COLUMNS",
@@ -42,7 +43,9 @@ CATALOG_COLUMNS: tuple[Column, ...] = (
     Column("author_followers", pa.int64(), "optional", "creator follower count at crawl time"),
     Column("music_id", pa.string(), "optional", "sound / music track id"),
     Column("language", pa.string(), "optional", "caption language code"),
-    Column("observed_at", UTC_TIMESTAMP, "label", "when the counts were read (UTC)"),
+    Column("category", pa.string(), "optional", "platform category / section of the video (e.g. Bilibili's)"),
+    Column("observed_at", UTC_TIMESTAMP, "label",
+           "when the counts were read (UTC); a video may have several rows (observations), one per observed_at"),
     Column("views", pa.int64(), "label", "view count at observed_at; null = unknown (not zero)"),
     Column("likes", pa.int64(), "label", "like count at observed_at; null = unknown"),
     Column("comments", pa.int64(), "label", "comment count at observed_at; null = unknown"),
@@ -52,6 +55,13 @@ CATALOG_COLUMNS: tuple[Column, ...] = (
 CATALOG_SCHEMA = pa.schema([pa.field(c.name, c.type, nullable=c.role != "required")
                             for c in CATALOG_COLUMNS])
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c.name for c in CATALOG_COLUMNS if c.role == "required")
+# A catalog is an observation log: one row per (video, time its counts were read). Daily catalog partitions
+# (catalog/dt=*/) read together form one.
+OBSERVATION_KEY: tuple[str, ...] = ("video_id", "observed_at")
+# What describes the video itself: every observation of a video must agree on these (followers are read at
+# crawl time and may differ).
+STATIC_COLUMNS: tuple[str, ...] = ("publish_time", "video_uri", "title", "hashtags", "duration_s", "author_id",
+                                   "music_id", "language", "category")
 LABEL_COLUMNS: tuple[str, ...] = tuple(c.name for c in CATALOG_COLUMNS if c.role == "label")
 SUPPORTED_URI_SCHEMES: tuple[str, ...] = ("", "file", "gs")
 
@@ -131,7 +141,12 @@ PREDICTION_COLUMNS: tuple[Column, ...] = tuple(
                         ("p10", f"10th percentile of {t} at the horizon"),
                         ("p90", f"90th percentile of {t} at the horizon"))
 ) + (
-    Column("horizon_days", pa.float64(), "output", "age at which the predictions apply"),
+    Column("horizon_days", pa.float64(), "output",
+           "age at which the predictions apply: --horizon-days, or the age of the observation used when the video "
+           "is already older"),
+    Column("input_observed_at", UTC_TIMESTAMP, "output",
+           "observed_at of the observation whose counts the prediction started from (nowcasting models); "
+           "null = cold start (no counts known at the reference time)"),
     Column("model_version", pa.string(), "output", "model id (config fingerprint)"),
     Column("featurizer_versions", pa.string(), "output", "comma-separated name@version used"),
     Column("scored_at", UTC_TIMESTAMP, "output", "when this row was scored"),
