@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_train_writes_nowcasts_and_beats_counts_staying_as_they_are(nowcast_mode
     assert nowcasts.column_names[:3] == ["video_id", "input_observed_at", "target_observed_at"]
     assert {f"pred_{t}" for t in TARGETS} <= set(nowcasts.column_names)
     assert nowcasts.num_rows == now["n_videos"] > 5
-    assert pa.compute.all(pa.compute.less(nowcasts.column("input_observed_at"),
+    assert pc.all(pc.less(nowcasts.column("input_observed_at"),
                                           nowcasts.column("target_observed_at"))).as_py()
     for peer in ("counts_stay", "szabo_huberman", "lightgbm"):
         assert peer in now
