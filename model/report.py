@@ -19,7 +19,8 @@ from featurizers.core.contracts import TARGETS
 from featurizers.core.feature_table import FeatureTable
 from model.artifact import LoadedModel, load_model
 from model.baselines import creator_history_mean
-from model.data import Split, catalog_arrays, log_age, read_features, time_split
+from model.data import Split, catalog_arrays, log_age, read_features
+from model.samples import observation_samples, split_samples
 from model.metrics import all_target_metrics, mean_mae
 
 __all__ = ["evaluate"]
@@ -91,11 +92,14 @@ class _TestSplit:
 def _load_test_split(catalog: pa.Table, features_dir: str, model_dir: str) -> _TestSplit:
     model = load_model(model_dir)
     tables = read_features(features_dir, tuple(model.layouts))
-    arrays = catalog_arrays(catalog)
+    # The split of training: by video over the observation log; the report's rows are the cold test rows
+    # (cold sample i is catalog row i), the nowcasts are reported from training's metrics.
+    samples = observation_samples(catalog_arrays(catalog))
+    arrays = samples.arrays
     labelled = np.isfinite(arrays["log_labels"]).any(axis=1)
-    split = time_split(arrays["publish_s"], labelled, model.config["split"]["quantile"],
-                       model.config["training"]["validation_fraction"])
-    rows = split.test
+    split = split_samples(samples, model.config["split"]["quantile"], model.config["training"]["validation_fraction"])
+    rows = split.test[samples.cold[split.test]]
+    split = Split(split.train, split.validation, rows, split.cutoff_s, split.validation_cutoff_s)
     return _TestSplit(model, tables, arrays, split, labelled, catalog.take(pa.array(rows)),
                       log_age(arrays["age_days"][rows]), arrays["log_labels"][rows])
 
@@ -112,8 +116,8 @@ def _report_metrics(test: _TestSplit, q: np.ndarray) -> dict:
     slice_metrics = _slice_metrics(test, q)
     ablation = _ablation_metrics(test)
     trained = test.model.config.get("metrics", {}).get("test", {})
-    baselines = {k: v for k, v in trained.items() if k != "model"}
-    return {"model_version": test.model.version, "split": test.model.config["split"],
+    baselines = {k: v for k, v in trained.items() if k not in ("model", "nowcast")}
+    return {"nowcast": trained.get("nowcast"),"model_version": test.model.version, "split": test.model.config["split"],
             "featurizers": test.model.featurizers, "test": overall, "baselines": baselines,
             "slices": slice_metrics, "ablation": ablation,
             "n_train": int(len(test.split.train) + len(test.split.validation))}
@@ -216,6 +220,21 @@ def _ablation_plot(overall: dict[str, dict], ablation: dict[str, dict]):
     return fig
 
 
+def _nowcast_section(nowcast: dict | None) -> list[str]:
+    """Nowcasting (observation logs): the network beside its peers, then MAE by input age and by gap."""
+    if not nowcast:
+        return []
+    named = {k: v for k, v in nowcast.items() if isinstance(v, dict) and "views" in v}
+    out = ["<h2>Nowcasting</h2>", f"<p>{html.escape(nowcast.get('protocol', ''))}: "
+           f"{nowcast.get('n_videos', 0)} test videos.</p>", _table(_metric_rows(named), METRIC_HEADER)]
+    for key, title in (("by_input_age", "MAE by age of the input observation"), ("by_gap", "MAE by gap")):
+        buckets = nowcast.get(key) or {}
+        rows = [[bucket, values["n"], name] + [values[name][t] for t in TARGETS]
+                for bucket, values in buckets.items() for name in named if name in values]
+        out += [f"<h3>{title}</h3>", _table(rows, ["bucket", "n", "predictor"] + [f"{t} MAE" for t in TARGETS])]
+    return out
+
+
 def _html_page(report: dict, n_test: int, images: dict[str, str]) -> str:
     """One self-contained page: metric tables, then the plots inline."""
     split_cfg, overall, slice_metrics = report["split"], report["test"], report["slices"]
@@ -228,6 +247,7 @@ def _html_page(report: dict, n_test: int, images: dict[str, str]) -> str:
             _table([[n] + r[1:] for n, r in zip(slice_metrics, _metric_rows(slice_metrics))], METRIC_HEADER),
             "<h2>Ablation</h2>",
             _table(_metric_rows({"all modalities": overall, **report["ablation"]}), METRIC_HEADER)]
+    body += _nowcast_section(report.get("nowcast"))
     for title, uri in images.items():
         body.append(f"<h2>{html.escape(title)}</h2><img src='{uri}' alt='{html.escape(title)}'>")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>popcast evaluation</title><style>"
