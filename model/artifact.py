@@ -28,8 +28,8 @@ from model.data import (
     make_batch,
     observed_arrays,
 )
-from model.samples import input_arrays
 from model.network import NetworkConfig, PopularityNet
+from model.samples import input_arrays
 
 __all__ = ["ModelIntegrityError", "verify_model_dir", "CHECKSUMS_KEY", "FORMAT", "LoadedModel", "autocast",
            "build_networks", "json_default", "load_model", "model_version", "quantiles_to_counts", "save_model"]

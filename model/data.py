@@ -29,8 +29,8 @@ from featurizers.core.feature_table import (
 
 log = logging.getLogger("popcast.train")
 
-__all__ = ["DEFAULT_VALIDATION_FRACTION", "Batch", "Observed", "observed_arrays", "FeatureVersionError", "ModalityInputs", "ModalityLayout",
-           "ModelDataError", "RowFile", "Split", "StoredFeatures", "StoredInputs", "build_inputs", "catalog_arrays",
+__all__ = ["DEFAULT_VALIDATION_FRACTION", "SECONDS_PER_DAY", "Batch", "Observed", "observed_arrays",
+           "FeatureVersionError", "ModalityInputs", "ModalityLayout", "ModelDataError", "RowFile", "Split", "StoredFeatures", "StoredInputs", "build_inputs", "catalog_arrays",
            "check_featurizers", "fit_layout", "fit_stored_layout", "join_rows", "log_age", "make_batch",
            "modality_inputs", "read_features", "usable_modalities", "stream_feature_table", "stream_features",
            "time_split", "training_fingerprint"]

@@ -150,8 +150,8 @@ class Nowcaster(nn.Module):
         self.rate = nn.Linear(cfg.hidden, cfg.n_targets)
 
     def forward(self, observed: Observed, log_age: torch.Tensor, clamped_input_age: torch.Tensor,
-                content: torch.Tensor, trunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(growth quantile parameters (B, T, 3), ln age ratio (B, 1))."""
+                content: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3): the growth of each count (middle) and the widths of its interval below and above."""
         ln_input = _log_days(observed.log_age)
         ln_gap = (_log_days(log_age) - ln_input).clamp_min(0.0).unsqueeze(1)
         counts = observed.counts.float()
@@ -161,7 +161,7 @@ class Nowcaster(nn.Module):
         h = self.mlp(x)
         growth = self.head(h).view(-1, counts.shape[1], 3)
         center = growth[..., 1] + self.rate(h) * ln_gap
-        return torch.stack([growth[..., 0], center, growth[..., 2]], dim=-1), ln_gap
+        return torch.stack([growth[..., 0], center, growth[..., 2]], dim=-1)
 
 
 class PopularityNet(nn.Module):
@@ -220,8 +220,7 @@ class PopularityNet(nn.Module):
         if self.cfg.nowcast:
             observed = self._observed(batch)
             content = torch.cat(tokens + masks, dim=1) if tokens else h.new_zeros((len(h), 0))
-            growth, _ = self.nowcaster(observed, batch.log_age, self._clamp(observed.log_age), content, h)
-            growth = growth.float()
+            growth = self.nowcaster(observed, batch.log_age, self._clamp(observed.log_age), content, h).float()
             now = observed.counts.float() + growth[..., 1]
             use = observed.mask
             center = torch.where(use, now, center)

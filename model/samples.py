@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
-from model.data import DEFAULT_VALIDATION_FRACTION, Split, time_split
+from model.data import DEFAULT_VALIDATION_FRACTION, SECONDS_PER_DAY, Split, time_split
 
 __all__ = ["MAX_INPUTS_PER_TARGET", "NOWCAST_MIN_GAP_DAYS", "INPUT_FIELDS", "Samples", "observation_samples",
            "split_samples", "input_arrays"]
@@ -95,7 +95,7 @@ def _pairs(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nd
     usable = np.isfinite(labels[row[source]]).any(axis=1) & np.isfinite(labels[row[target]]).any(axis=1)
     source, target = source[usable], target[usable]
     first_to_last = ((rank[source] == 0) & (rank[target] == count[target] - 1)
-                     & (times[target] - times[source] >= NOWCAST_MIN_GAP_DAYS * 86_400.0))
+                     & (times[target] - times[source] >= NOWCAST_MIN_GAP_DAYS * SECONDS_PER_DAY))
     return row[source].astype(np.int64), row[target].astype(np.int64), first_to_last
 
 
@@ -110,7 +110,7 @@ def _publish_time_of_earliest_observation(arrays: dict[str, np.ndarray]) -> dict
         return arrays
     out = dict(arrays)
     out["publish_s"] = canonical
-    out["age_days"] = np.maximum((arrays["observed_s"] - canonical) / 86_400.0, MIN_AGE_DAYS)
+    out["age_days"] = np.maximum((arrays["observed_s"] - canonical) / SECONDS_PER_DAY, MIN_AGE_DAYS)
     return out
 
 

@@ -226,11 +226,10 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
     samples = observation_samples(catalog_arrays(catalog))
     arrays = samples.arrays
     split = split_samples(samples, split_quantile, training.validation_fraction)
-    nowcast = bool((~samples.cold[np.concatenate([split.train, split.validation])]).any())
+    training_pairs = int((~samples.cold[np.concatenate([split.train, split.validation])]).sum())
+    nowcast = training_pairs > 0
     if nowcast:
-        log.info("observation log: %d videos with several observations give %d (earlier → later) training pairs",
-                 len(np.unique(arrays["video_id"][~samples.cold].astype(str))),
-                 int((~samples.cold[np.concatenate([split.train, split.validation])]).sum()))
+        log.info("observation log: %d (earlier → later) training pairs beside the cold samples", training_pairs)
     with ExitStack() as cleanup:
         workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="popcast-train-"))
         data = _TrainingData.prepare(samples, split, features_dir, modalities, init_from, workdir, nowcast)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -268,7 +269,6 @@ def check(table: pa.Table, labels: list[str] | None = None) -> list[CatalogProbl
 
 def _observation_frame(table: pa.Table):
     """video_id, observed_at and the STATIC_COLUMNS (lists joined to text) as a polars frame, null ids out."""
-    import polars as pl
     columns = {"video_id": table.column("video_id"), "observed_at": table.column("observed_at")}
     for name in STATIC_COLUMNS:
         if name in table.column_names:
@@ -281,7 +281,6 @@ def _observation_frame(table: pa.Table):
 
 def _observation_problems(table: pa.Table) -> list[CatalogProblem]:
     """The observation-log rule: (video_id, observed_at) is unique (vectorised: a million rows in a second)."""
-    import polars as pl
     frame = _observation_frame(table)
     problems = []
     dupes = frame.group_by(list(OBSERVATION_KEY)).len().filter(pl.col("len") > 1).sort("video_id")
@@ -295,7 +294,6 @@ def static_conflicts(table: pa.Table) -> list[CatalogProblem]:
     """Videos whose observations disagree on a STATIC_COLUMNS value (reported by `popcast validate`, not
     refused: real logs have edited captions and the odd re-dated video; each video's EARLIEST observation is
     what featurize reads and what the model's split and ages use)."""
-    import polars as pl
     frame = _observation_frame(table)
     problems = []
     statics = [n for n in STATIC_COLUMNS if n in frame.columns]
