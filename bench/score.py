@@ -182,6 +182,7 @@ def baseline_score(catalog_path: str, features_dir: str, model_dir: str, output:
         columns = {name: rows.column(name) for name in rows.column_names}
         columns.update({name: pa.array(values, pa.float64()) for name, values in predictions.items()})
         columns["horizon_days"] = pa.array(np.full(n, horizon_days))
+        columns["input_observed_at"] = pa.nulls(n, pa.timestamp("us", tz="UTC"))   # cold-start model: none used
         columns["model_version"] = pa.repeat(pa.scalar(model.version), n)
         columns["featurizer_versions"] = pa.repeat(pa.scalar(",".join(sorted(model.featurizers.values()))), n)
         columns["scored_at"] = pa.repeat(pa.scalar(scored_at, pa.timestamp("us", tz="UTC")), n)

@@ -5,9 +5,7 @@ feature tables made by featurizer versions other than the ones it was trained on
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 
@@ -19,9 +17,23 @@ from safetensors.torch import load_file, save_file
 from featurizers.core import storage
 from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
 from featurizers.core.feature_table import FeatureTable
+from model.card import (
+    CHECKSUMS_KEY,
+    CONFIG_FILE,
+    FORMAT,
+    WEIGHTS_FILE,
+    ModalityLayout,
+    ModelCard,
+    ModelIntegrityError,
+    config_digest,
+    json_default,
+    model_version,
+    read_model_card,
+    sha256_of,
+    verify_model_dir,
+)
 from model.data import (
     Batch,
-    ModalityLayout,
     catalog_arrays,
     check_featurizers,
     log_age,
@@ -34,23 +46,11 @@ from model.samples import input_arrays
 __all__ = ["ModelIntegrityError", "verify_model_dir", "CHECKSUMS_KEY", "FORMAT", "LoadedModel", "autocast",
            "build_networks", "json_default", "load_model", "model_version", "quantiles_to_counts", "save_model"]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-CHECKSUMS_KEY = "checksums"
-FORMAT = "popcast-model/1"
-
 
 def build_networks(config: dict) -> list[PopularityNet]:
     layouts = {k: ModalityLayout.from_json(config["layouts"][k]) for k in sorted(config["layouts"])}
     cfg = NetworkConfig(**config["network"])
     return [PopularityNet(layouts, cfg) for _ in range(config["ensemble_size"])]
-
-
-def model_version(config: dict) -> str:
-    """A short id of the model: hash of its architecture, inputs, data fingerprint and seed."""
-    key = json.dumps({k: config.get(k) for k in ("network", "layouts", "fingerprint", "seed", "ensemble_size")},
-                     sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def save_model(output_dir: str, networks: list[PopularityNet], config: dict) -> None:
@@ -69,96 +69,19 @@ def save_model(output_dir: str, networks: list[PopularityNet], config: dict) -> 
     # The config records the weights' checksum and its own (over its content without them), so load_model
     # can refuse a truncated, edited or half-copied directory instead of half-loading it.
     with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
-        checksums = {WEIGHTS_FILE: _sha256_of(f)}
+        checksums = {WEIGHTS_FILE: sha256_of(f)}
     config = {k: v for k, v in config.items() if k != CHECKSUMS_KEY}
-    checksums[CONFIG_FILE] = _config_digest(config)
+    checksums[CONFIG_FILE] = config_digest(config)
     with fs.open_output_stream(f"{root}/{CONFIG_FILE}") as out:
         out.write(json.dumps({**config, CHECKSUMS_KEY: checksums}, indent=1, sort_keys=True,
                              default=json_default).encode())
 
 
-def _config_digest(config: dict) -> str:
-    """SHA-256 of the config's canonical JSON (sorted keys), without its checksums."""
-    body = {k: v for k, v in config.items() if k != CHECKSUMS_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=json_default).encode()).hexdigest()
-
-
-class ModelIntegrityError(ValueError):
-    """A model directory whose files do not match the checksums recorded when it was saved."""
-
-
-def _sha256_of(stream) -> str:
-    digest = hashlib.sha256()
-    while chunk := stream.read(8 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_model_dir(model_dir: str, config: dict) -> None:
-    """Refuse a model directory that is truncated, edited or half-copied: the weights' and the config's
-    SHA-256 must match those recorded at save time. Directories saved before checksums existed load with a
-    warning."""
-    checksums = config.get(CHECKSUMS_KEY)
-    if not checksums:
-        logging.getLogger("popcast").warning("%s records no checksums (saved by an older popcast): its files "
-                                             "cannot be checked", model_dir)
-        return
-    if _config_digest(config) != checksums.get(CONFIG_FILE):
-        raise ModelIntegrityError(f"model directory {model_dir}: {CONFIG_FILE} was edited after the model was "
-                                  "saved (its checksum does not match); train again or restore the file")
-    fs, root = storage.filesystem_and_path(model_dir)
-    try:
-        with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
-            actual = _sha256_of(f)
-    except FileNotFoundError:
-        raise ModelIntegrityError(f"model directory {model_dir}: {WEIGHTS_FILE} is missing") from None
-    if actual != checksums.get(WEIGHTS_FILE):
-        raise ModelIntegrityError(f"model directory {model_dir}: {WEIGHTS_FILE} does not match the checksum "
-                                  "recorded when it was saved (truncated or half-copied); copy the whole "
-                                  "directory again or train again")
-
-
-def json_default(value):
-    """json.dumps `default=` for the numpy scalars and arrays that configs and metrics carry."""
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
 @dataclass
-class LoadedModel:
-    """A trained model ready to score: ensemble networks, layouts, label normalisation, config."""
-    config: dict
-    networks: list[PopularityNet]
-    layouts: dict[str, ModalityLayout]
+class LoadedModel(ModelCard):
+    """A trained model ready to score: the card (config, layouts) plus the ensemble networks."""
+    networks: list[PopularityNet] = None
     device: str = "cpu"
-
-    @property
-    def version(self) -> str:
-        return self.config["model_version"]
-
-    @property
-    def featurizers(self) -> dict[str, str]:
-        return {k: v.featurizer for k, v in self.layouts.items()}
-
-    @property
-    def trained_age_days(self) -> tuple[float, float] | None:
-        """(youngest, oldest) video age in days the model was trained on; None for unclamped models.
-
-        Ages outside are clamped to it: a prediction "at 7 days" from a model that only saw videos
-        older than 40 days is the 40-day prediction, which is higher than the truth at 7 days.
-        """
-        low, high = (self.config["network"].get(k) for k in ("log_age_min", "log_age_max"))
-        if low is None or high is None:
-            return None
-        return float(np.expm1(low)), float(np.expm1(high))
-
-    @property
-    def nowcasts(self) -> bool:
-        """Whether the model conditions on the counts a video already has (trained on an observation log)."""
-        return bool(self.config["network"].get("nowcast"))
 
     def observed(self, input_log_labels: np.ndarray, input_age_days: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -252,25 +175,17 @@ class autocast:
 
 def load_model(model_dir: str, device: str = "cpu") -> LoadedModel:
     """Read MODEL_DIR (safetensors + JSON only) into a LoadedModel in eval mode."""
+    card = read_model_card(model_dir)
     fs, root = storage.filesystem_and_path(model_dir)
-    try:
-        with fs.open_input_stream(f"{root}/{CONFIG_FILE}") as f:
-            config = json.loads(f.read())
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{model_dir} is not a popcast model directory (no {CONFIG_FILE})") from exc
-    verify_model_dir(model_dir, config)
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{model_dir}: unsupported model format {config.get('format')!r} (expected {FORMAT})")
     if storage.scheme_of(model_dir) == "":
         tensors = load_file(os.path.join(root, WEIGHTS_FILE))
     else:
         from safetensors.torch import load
         with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
             tensors = load(f.read())
-    networks = build_networks(config)
+    networks = build_networks(card.config)
     for i, net in enumerate(networks):
         prefix = f"member{i}."
         net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         net.to(device).eval()
-    layouts = {k: ModalityLayout.from_json(config["layouts"][k]) for k in sorted(config["layouts"])}
-    return LoadedModel(config=config, networks=networks, layouts=layouts, device=device)
+    return LoadedModel(config=card.config, layouts=card.layouts, networks=networks, device=device)

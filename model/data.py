@@ -19,6 +19,7 @@ import torch
 
 from featurizers.core import storage
 from featurizers.core.contracts import MIN_AGE_DAYS, MODALITIES, TARGETS
+from model.card import ModalityLayout
 from featurizers.core.feature_table import (
     FeatureTable,
     feature_table_from_arrow,
@@ -52,50 +53,6 @@ class FeatureVersionError(ValueError):
 
 class ModelDataError(ValueError):
     """The catalog or features cannot be turned into model inputs (missing columns, no labels, ...)."""
-
-
-# ----------------------------------------------------------------------------------------- layout
-@dataclass
-class ModalityLayout:
-    """What the model reads from one modality table; JSON-able, stored in config.json.
-
-    sequences: 2-D vector columns (K, D), encoded by the temporal CNN+GRU branch.
-    vectors: 1-D vector columns and their widths. numeric / categorical: scalar columns.
-    The normalisation statistics (fitted on training rows) are part of the layout.
-    """
-    name: str
-    featurizer: str
-    sequences: dict[str, list[int]] = field(default_factory=dict)
-    vectors: dict[str, int] = field(default_factory=dict)
-    numeric: list[str] = field(default_factory=list)
-    categorical: dict[str, list[str]] = field(default_factory=dict)   # column -> vocabulary (index+1)
-    numeric_log: list[bool] = field(default_factory=list)
-    numeric_mean: list[float] = field(default_factory=list)
-    numeric_std: list[float] = field(default_factory=list)
-    vector_mean: dict[str, list[float]] = field(default_factory=dict)
-    vector_std: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def vector_width(self) -> int:
-        return sum(self.vectors.values())
-
-    @property
-    def numeric_width(self) -> int:
-        # Each numeric column comes with a "missing" indicator; each vector column with one too.
-        return 2 * len(self.numeric) + len(self.vectors)
-
-    @property
-    def category_sizes(self) -> list[int]:
-        return [len(v) + 1 for v in self.categorical.values()]   # index 0 = unknown / missing
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-    @staticmethod
-    def from_json(data: dict) -> "ModalityLayout":
-        layout = ModalityLayout(**data)
-        layout.sequences = {k: list(v) for k, v in layout.sequences.items()}
-        return layout
 
 
 def _categorical_columns(table: FeatureTable) -> set[str]:

@@ -149,11 +149,17 @@ def read_raw(path: str) -> pa.Table:
 
 # ---------------------------------------------------------------- coercion and checks
 
-def _row_labels(table: pa.Table) -> list[str]:
-    if "video_id" in table.column_names:
-        ids = table.column("video_id").cast(pa.string()).to_pylist()
-        return [f"video_id={v}" if v is not None else f"line {i + 1}" for i, v in enumerate(ids)]
-    return [f"line {i + 1}" for i in range(table.num_rows)]
+class _RowLabels:
+    """How problems name a row ("video_id=…", or "line N" where the id is missing), built on demand: a
+    valid million-row catalog names no row, so it should not pay for a million label strings."""
+
+    def __init__(self, table: pa.Table):
+        self._ids = (table.column("video_id").cast(pa.string()).combine_chunks()
+                     if "video_id" in table.column_names else None)
+
+    def __getitem__(self, i: int) -> str:
+        value = self._ids[int(i)].as_py() if self._ids is not None else None
+        return f"video_id={value}" if value is not None else f"line {i + 1}"
 
 
 def _parse_timestamp(value: str) -> datetime:
@@ -167,7 +173,7 @@ def _split_hashtags(value: str) -> list[str]:
     return [tag.strip().lstrip("#") for tag in value.split(separator) if tag.strip().lstrip("#")]
 
 
-def _coerce_column(name: str, target: pa.DataType, column: pa.ChunkedArray, labels: list[str],
+def _coerce_column(name: str, target: pa.DataType, column: pa.ChunkedArray, labels: _RowLabels,
                    problems: list[CatalogProblem]) -> pa.Array:
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if column.type == target:
@@ -228,7 +234,7 @@ def conform(table: pa.Table, source: str = "catalog") -> tuple[pa.Table, list[Ca
             problems.append(CatalogProblem(name, "-", "missing required column"))
     if problems:
         return table, problems
-    labels = _row_labels(table)
+    labels = _RowLabels(table)
     columns = []
     for col in CATALOG_COLUMNS:
         if col.name in table.column_names:
@@ -242,9 +248,9 @@ def conform(table: pa.Table, source: str = "catalog") -> tuple[pa.Table, list[Ca
     return out, problems
 
 
-def check(table: pa.Table, labels: list[str] | None = None) -> list[CatalogProblem]:
+def check(table: pa.Table, labels: _RowLabels | None = None) -> list[CatalogProblem]:
     """Contract rules on a conformed table: required values, unique ids, label sanity, URI schemes."""
-    labels = labels or _row_labels(table)
+    labels = labels or _RowLabels(table)
     problems: list[CatalogProblem] = []
     for name in REQUIRED_COLUMNS:
         nulls = np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))
@@ -258,9 +264,12 @@ def check(table: pa.Table, labels: list[str] | None = None) -> list[CatalogProbl
         for i in np.flatnonzero(negative.to_numpy(zero_copy_only=False)):
             problems.append(CatalogProblem(target, labels[i],
                                            f"negative count {table.column(target)[int(i)].as_py()}"))
-    uris = table.column("video_uri").to_pylist()
-    for i, uri in enumerate(uris):
-        if uri is not None and storage.scheme_of(uri) not in SUPPORTED_URI_SCHEMES:
+    uris = table.column("video_uri")
+    # Only rows whose URI starts like "scheme:" can have an unsupported scheme; storage.scheme_of decides.
+    candidates = pc.fill_null(pc.match_substring_regex(uris, r"^[A-Za-z][A-Za-z0-9+.\-]+:"), False)
+    for i in np.flatnonzero(candidates.to_numpy(zero_copy_only=False)):
+        uri = uris[int(i)].as_py()
+        if storage.scheme_of(uri) not in SUPPORTED_URI_SCHEMES:
             problems.append(CatalogProblem("video_uri", labels[i],
                                            f"unsupported URI scheme {storage.scheme_of(uri)!r} in {uri!r} "
                                            "(use a local path, file:// or gs://)"))
@@ -281,13 +290,14 @@ def _observation_frame(table: pa.Table):
 
 def _observation_problems(table: pa.Table) -> list[CatalogProblem]:
     """The observation-log rule: (video_id, observed_at) is unique (vectorised: a million rows in a second)."""
-    frame = _observation_frame(table)
-    problems = []
-    dupes = frame.group_by(list(OBSERVATION_KEY)).len().filter(pl.col("len") > 1).sort("video_id")
-    for video, observed, n in dupes.iter_rows():
-        problems.append(CatalogProblem("observed_at", f"video_id={video}",
-                                       f"duplicate observation (video_id, observed_at={observed}): {n} rows"))
-    return problems
+    # Arrow's own hash aggregation on the two key columns: no copy of the catalog's text columns.
+    keys = table.select(list(OBSERVATION_KEY)).filter(pc.is_valid(table.column("video_id")))
+    counts = keys.group_by(list(OBSERVATION_KEY)).aggregate([([], "count_all")])
+    dupes = counts.filter(pc.greater(counts.column("count_all"), 1)).sort_by("video_id")
+    return [CatalogProblem("observed_at", f"video_id={video}",
+                           f"duplicate observation (video_id, observed_at={observed}): {n} rows")
+            for video, observed, n in zip(*(dupes.column(c).to_pylist()
+                                            for c in (*OBSERVATION_KEY, "count_all")))]
 
 
 def static_conflicts(table: pa.Table) -> list[CatalogProblem]:

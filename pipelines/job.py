@@ -29,7 +29,6 @@ from apache_beam.version import __version__ as beam_version
 
 from featurizers.core import storage
 from featurizers.core.storage import join
-from featurizers.visual import resolve_device as torch_device
 from pipelines import publish
 from pipelines.catalog import CatalogError
 from pipelines.profiles import PROFILES, expand
@@ -256,6 +255,7 @@ def resolve_device(device: str) -> str:
     submit a job for GPU workers)."""
     if device != "auto":
         return device
+    from featurizers.visual import resolve_device as torch_device   # torch only when asked to look
     return str(torch_device("auto"))
 
 

@@ -18,7 +18,7 @@ from featurizers.core import storage
 from featurizers.core.contracts import ERRORS_SCHEMA
 from featurizers.core.feature_table import FEATURE_ROW_GROUP_ROWS, parquet_files, write_sorted
 
-__all__ = ["CATALOG_ROW_COLUMN", "dictionary_columns", "write_table", "publish_features", "write_run_summary",
+__all__ = ["CATALOG_ROW_COLUMN", "dictionary_columns", "write_table", "read_table", "publish_features", "write_run_summary",
            "remove_staging", "staged_prediction_schema", "publish_partitions", "partition_id_array",
            "publish_errors"]
 
@@ -40,6 +40,12 @@ def write_table(table: pa.Table, uri: str) -> None:
     fs, path = storage.filesystem_and_path(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs, use_dictionary=dictionary_columns(table.schema))
+
+
+def read_table(uri: str) -> pa.Table:
+    """A table written by write_table, as it was written (local or gs://)."""
+    fs, path = storage.filesystem_and_path(uri)
+    return pq.read_table(path, filesystem=fs)
 
 
 def _move(fs: pafs.FileSystem, source: str, target: str) -> None:

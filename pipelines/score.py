@@ -42,11 +42,12 @@ from featurizers.core.feature_table import (
 )
 from featurizers.core.observations import latest_observations
 from featurizers.history import curve_from_spec_config
-from model.artifact import LoadedModel, load_model
+from model.card import ModelCard, read_model_card
 from pipelines import publish
 from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, stage_history_inputs
 from pipelines.iceberg_sink import overwrite_partitions
+from pipelines.memory import bound_process_memory, release_memory
 from pipelines.job import (
     JobArgumentParser,
     JobSummary,
@@ -79,8 +80,10 @@ log = logging.getLogger("popcast.score")
 # scored catalog. The other catalog columns are attached to the predictions by position when partitions
 # are published (publish_partitions), so the job reads and writes ids and predictions, not captions.
 ROW_COLUMN = publish.CATALOG_ROW_COLUMN
-# Rows per shard: one shard is one model batch; at 896 text floats a row that is ~60 MB of features.
-ROWS_PER_SHARD = 16_384
+# Rows per shard: one shard is one model batch. At 896 text floats a shard is ~30 MB of features and a
+# worker peaks ~450 MB above its imports while scoring it (bench.score at 1M rows: 8,192-row shards keep
+# the driver and two workers under 3 GB together at ~0.87x the plain script; 16,384 rows: 3.3 GB, ~0.97x).
+ROWS_PER_SHARD = 8_192
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -238,8 +241,9 @@ class ScorePlan:
     run_id: str
     device: str
     dates: list[date]
-    todo: pa.Table
-    model: LoadedModel
+    rows_to_score: int
+    catalog_rows: str    # the rows to score, every catalog column, staged so the driver need not hold them
+    model: ModelCard      # config and layouts only: the driver never loads the weights (nor torch)
     featurize_config: FeaturizeConfig
     specs: dict[str, FeatureSpec]
     on_the_fly: int
@@ -263,7 +267,7 @@ def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScoreP
     # An observation log gives one row per video: its latest observation at the reference time.
     todo = latest_observations(rows_of_dates(catalog, dates), as_of)
     del catalog
-    model = load_model(args.model)
+    model = read_model_card(args.model)
     warnings = horizon_warnings(args.horizon_days, model.trained_age_days)
     for warning in warnings:
         log.warning(warning)
@@ -293,12 +297,20 @@ def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScoreP
     rows_per_shard = -(-todo.num_rows // args.shards) if args.shards else ROWS_PER_SHARD
     sources = ShardSources(rows=rows_input, features={
         m: (stored_feature_files(args.features, m, f), f) for m, f in stored.items()})
-    return ScorePlan(run_id=run_id, device=device, dates=dates, todo=todo, model=model,
+    catalog_rows = storage.join(staging, "_input", "catalog.parquet")
+    publish.write_table(todo, catalog_rows)
+    shard_ranges = id_ranges(todo.column("video_id"), rows_per_shard)
+    rows_to_score, todo_schema = todo.num_rows, todo.schema
+    # The driver waits while the workers score: it holds no catalog rows meanwhile (they come back from
+    # staging to be published), and hands the memory they took back to the system.
+    del todo
+    release_memory()
+    return ScorePlan(run_id=run_id, device=device, dates=dates, rows_to_score=rows_to_score,
+                     catalog_rows=catalog_rows, model=model,
                      featurize_config=config, specs=specs, on_the_fly=on_the_fly, staging=staging,
                      featurize_input=featurize_input, sources=sources,
-                     shard_ranges=id_ranges(todo.column("video_id"), rows_per_shard),
-                     scored_schema=scored_schema,
-                     staged_schema=publish.staged_prediction_schema(scored_schema, todo.schema),
+                     shard_ranges=shard_ranges, scored_schema=scored_schema,
+                     staged_schema=publish.staged_prediction_schema(scored_schema, todo_schema),
                      history=history, warnings=warnings)
 
 
@@ -359,19 +371,20 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> ScoreSummary:
     outputs = {"table": args.output, **({"iceberg": args.iceberg} if args.iceberg else {})}
     record = start_run("score", argv, args.profile, beam_args, places, {
         "catalog": args.catalog, "features": args.features, "model": args.model, "history": args.history}, outputs)
+    bound_process_memory()
     plan = plan_run(args, run_id, places)
-    todo = plan.todo
-    log.info("score %s: %d rows of %d dates in %d shards, %d to featurize on the fly", run_id, todo.num_rows,
+    log.info("score %s: %d rows of %d dates in %d shards, %d to featurize on the fly", run_id, plan.rows_to_score,
              len(plan.dates), len(plan.shard_ranges), plan.on_the_fly)
     start = time.time()
     counters: dict[str, int] = {}
-    if plan.on_the_fly or (plan.history is not None and todo.num_rows):
+    if plan.on_the_fly or (plan.history is not None and plan.rows_to_score):
         counters = run_beam(lambda p: build_inputs_pipeline(p, plan), args.profile, beam_args)
         add_fresh_features(plan)
-    if todo.num_rows:
+    if plan.rows_to_score:
         scored = run_beam(lambda p: build_pipeline(p, plan, args.model, args.horizon_days), args.profile,
                           beam_args, test_pipeline)
         counters = {k: counters.get(k, 0) + scored.get(k, 0) for k in {*counters, *scored}}
+    todo = publish.read_table(plan.catalog_rows)
     partitions = publish.publish_partitions(storage.join(plan.staging, "scored"), args.output, plan.dates,
                                             plan.run_id, plan.scored_schema, catalog=todo, work_dir=plan.staging)
     errors = publish.publish_errors(plan.staging, places.errors, plan.run_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -18,8 +18,11 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from featurizers.core import storage
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES
 from featurizers.core.feature_table import feature_table_from_arrow, id_range_filter
-from model.artifact import LoadedModel, load_model
+from pipelines.memory import bound_process_memory, release_memory
 from pipelines.transforms import ERRORS_TAG, NAMESPACE, FeaturizeConfig, error_row, feature_specs
+
+if TYPE_CHECKING:   # the driver never imports it: model.artifact brings torch
+    from model.artifact import LoadedModel
 
 __all__ = [
     "CATALOG_SIDE",
@@ -75,6 +78,7 @@ class ReadShard(beam.DoFn):
         self._datasets: dict[str, ds.Dataset] = {}
 
     def setup(self):
+        bound_process_memory()   # a worker reads shard after shard: freed memory must go back
         # Built once per worker: opening the datasets reads every file's footer.
         self._rows = _dataset([self._sources.rows])
         self._datasets = {m: _dataset(files) for m, (files, _) in self._sources.features.items() if files}
@@ -139,7 +143,7 @@ class ValidateShard(beam.DoFn):
             yield shard, joined
 
 
-class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, LoadedModel]):
+class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, "LoadedModel"]):
     """RunInference handler: a JoinedShard in, a PredictionResult out whose `inference` is the shard's
     rows with predictions attached (an Arrow table in `scored_schema`).
 
@@ -163,6 +167,8 @@ class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, LoadedModel]):
         self._device = device
 
     def load_model(self) -> LoadedModel:
+        # Imported here, in the worker that scores: model.artifact brings torch, which the driver lacks.
+        from model.artifact import load_model
         return load_model(self._model_dir, device=self._device)
 
     def run_inference(self, batch: Sequence[JoinedShard], model: LoadedModel,
@@ -187,8 +193,10 @@ class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, LoadedModel]):
                     metadata[b"popcast.shapes"] = json.dumps(layout.sequences).encode()
                 metadata.setdefault(b"popcast.featurizer", layout.featurizer.encode())
                 tables[modality] = feature_table_from_arrow(table, modality, metadata)
-            yield PredictionResult(joined, self._attach(joined.catalog, self._predict(joined.catalog, tables, model),
-                                                        model))
+            scored = self._attach(joined.catalog, self._predict(joined.catalog, tables, model), model)
+            del tables
+            release_memory()   # the shard's feature matrices and activations are garbage now
+            yield PredictionResult(joined, scored)
 
     def _predict(self, catalog: pa.Table, tables: dict, model) -> dict[str, np.ndarray]:
         """model.predict with the whole shard as one batch: smaller batches would each re-join the

@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
-from featurizers import audio, meta, text, visual
+from featurizers import audio, meta, text
 from featurizers.audio import audio_features
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES, MEDIA_MODALITIES, FeatureSpec
 from featurizers.core.feature_table import NEEDS_COLUMN, rows_to_table
@@ -41,7 +41,6 @@ from featurizers.decode import (
 )
 from featurizers.meta import meta_features
 from featurizers.text import text_features
-from featurizers.visual import EfficientNetLite0Embedder
 
 __all__ = [
     "DECODE_FED_MODALITIES",
@@ -124,7 +123,11 @@ class FeaturizeConfig:
 
 # ---------------------------------------------------------------- featurizers (built once per worker)
 
+# featurizers.visual is imported where a visual featurizer is built, never at module level: it brings
+# torch (~500 MB resident), which the text/meta featurize workers and the score driver do not need.
+
 def visual_embedder(config: FeaturizeConfig):
+    from featurizers import visual
     if config.visual_model:
         return visual.TransformersVisionEmbedder(config.visual_model, device=config.device)
     return visual.EfficientNetLite0Embedder(device=config.device)
@@ -146,6 +149,7 @@ def feature_specs(config: FeaturizeConfig) -> dict[str, FeatureSpec]:
         if config.visual_model:
             specs["visual"] = visual_embedder(config).spec(config.frames)
         else:
+            from featurizers.visual import EfficientNetLite0Embedder
             specs["visual"] = EfficientNetLite0Embedder.spec_without_loading(config.frames, config.device)
     if "audio" in config.modalities:
         specs["audio"] = audio.audio_spec(yamnet=audio.default_yamnet() if config.yamnet else None)

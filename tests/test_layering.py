@@ -70,3 +70,14 @@ def test_public_modules_declare_their_surface() -> None:
             if public_defs and not has_all and not name.endswith(("__main__",)):
                 missing.append(name)
     assert missing == []
+
+
+def test_job_drivers_and_the_model_card_import_without_torch() -> None:
+    # A score driver only coordinates workers; importing torch there costs ~500 MB resident per run
+    # (bench.score: the driver beside two workers is what keeps multi_processing under 3 GB).
+    code = ("import sys\n"
+            "import model.card, pipelines.score, pipelines.featurize, runners.cli\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"torch imported by: {done.stdout.strip()}"
