@@ -5,6 +5,7 @@ feature tables made by featurizer versions other than the ones it was trained on
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from model.data import (
     make_batch,
     observed_arrays,
 )
+from model.blend import BLEND_FILE, TreeBlend, blend_matrix
 from model.network import NetworkConfig, PopularityNet
 from model.samples import input_arrays
 
@@ -53,8 +55,9 @@ def build_networks(config: dict) -> list[PopularityNet]:
     return [PopularityNet(layouts, cfg) for _ in range(config["ensemble_size"])]
 
 
-def save_model(output_dir: str, networks: list[PopularityNet], config: dict) -> None:
-    """Write model.safetensors and config.json (local path or gs://)."""
+def save_model(output_dir: str, networks: list[PopularityNet], config: dict, blend: TreeBlend | None = None) -> None:
+    """Write model.safetensors, blend.json (when the model blends trees in) and config.json (local path or
+    gs://); the config records the blend's SHA-256, so its own checksum covers it."""
     tensors = {f"member{i}.{name}": t.detach().to("cpu").contiguous()
                for i, net in enumerate(networks) for name, t in net.state_dict().items()}
     fs, root = storage.filesystem_and_path(output_dir)
@@ -71,6 +74,10 @@ def save_model(output_dir: str, networks: list[PopularityNet], config: dict) -> 
     with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
         checksums = {WEIGHTS_FILE: sha256_of(f)}
     config = {k: v for k, v in config.items() if k != CHECKSUMS_KEY}
+    if blend is not None:
+        with fs.open_output_stream(f"{root}/{BLEND_FILE}") as out:
+            out.write(blend.to_bytes())
+        config["blend"] = {**config.get("blend", {}), "file": BLEND_FILE, "sha256": blend.digest()}
     checksums[CONFIG_FILE] = config_digest(config)
     with fs.open_output_stream(f"{root}/{CONFIG_FILE}") as out:
         out.write(json.dumps({**config, CHECKSUMS_KEY: checksums}, indent=1, sort_keys=True,
@@ -82,6 +89,7 @@ class LoadedModel(ModelCard):
     """A trained model ready to score: the card (config, layouts) plus the ensemble networks."""
     networks: list[PopularityNet] = None
     device: str = "cpu"
+    blend: TreeBlend | None = None   # trees mixed into the median (model.blend); None: the network alone
 
     def observed(self, input_log_labels: np.ndarray, input_age_days: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,15 +114,21 @@ class LoadedModel(ModelCard):
             out[start:stop] = self.predict_batch_log(batch, drop_modalities)
         return out
 
-    def predict_batch_log(self, batch: Batch, drop_modalities: tuple[str, ...] = ()) -> np.ndarray:
-        """(B, T, 3) p10/p50/p90 of log1p(count) of a prepared Batch (ensemble mean): predict_log's step,
+    def predict_batch_log(self, batch: Batch, drop_modalities: tuple[str, ...] = (), blend: bool = True
+                          ) -> np.ndarray:
+        """(B, T, 3) p10/p50/p90 of log1p(count) of a prepared Batch (ensemble mean, then the tree blend when
+        the model has one; blend=False or a modality ablation gives the network alone): predict_log's step,
         for callers that build inputs themselves (training reads its test rows from disk)."""
         center = np.asarray(self.config["target_center"], dtype=np.float32)
         scale = np.asarray(self.config["target_scale"], dtype=np.float32)
-        batch = batch.to(self.device)
+        on_device = batch.to(self.device)
         with torch.inference_mode(), autocast(self.device):
-            preds = torch.stack([net(batch, drop_modalities) for net in self.networks]).mean(0)
-        return preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
+            preds = torch.stack([net(on_device, drop_modalities) for net in self.networks]).mean(0)
+        q = preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
+        if self.blend is None or not blend or drop_modalities:
+            return q
+        matrix, nowcast = blend_matrix(batch, self.layouts, center.astype(np.float64), scale.astype(np.float64))
+        return self.blend.apply(q, matrix, nowcast)
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                 horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:
@@ -188,4 +202,19 @@ def load_model(model_dir: str, device: str = "cpu") -> LoadedModel:
         prefix = f"member{i}."
         net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         net.to(device).eval()
-    return LoadedModel(config=card.config, layouts=card.layouts, networks=networks, device=device)
+    return LoadedModel(config=card.config, layouts=card.layouts, networks=networks, device=device,
+                       blend=_load_blend(model_dir, card.config))
+
+
+def _load_blend(model_dir: str, config: dict) -> TreeBlend | None:
+    recorded = config.get("blend")
+    if not recorded:
+        return None
+    try:
+        data = storage.read_bytes(storage.join(model_dir, recorded["file"]))
+    except FileNotFoundError:
+        raise ModelIntegrityError(f"model directory {model_dir}: {recorded['file']} is missing") from None
+    if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+        raise ModelIntegrityError(f"model directory {model_dir}: {recorded['file']} does not match the checksum "
+                                  "recorded when it was saved; copy the whole directory again or train again")
+    return TreeBlend.from_bytes(data)

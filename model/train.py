@@ -57,6 +57,7 @@ from model.data import (
     stream_features,
     training_fingerprint,
 )
+from model.blend import blend_matrix, fit_tree_blend
 from model.metrics import all_target_metrics, mean_mae
 from model.samples import NOWCAST_MIN_GAP_DAYS, Samples, observation_samples, split_samples
 from model.network import QUANTILES, NetworkConfig, PopularityNet, pinball_loss
@@ -78,6 +79,7 @@ class TrainingConfig:
     ensemble_size: int = 5
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
+    blend_trees: bool = True          # mix LightGBM into the median, weights picked on validation (model.blend)
 
 
 @contextmanager
@@ -238,20 +240,27 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
         config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
                                init_from=init_from, freeze=freeze, device=device)
         ensemble = _EnsembleFit(config, data, training, device, data.source, tuple(freeze))
-        networks, histories = ensemble.fit(seed, threads)
+        networks, histories, validation_medians = ensemble.fit(seed, threads)
         config["model_version"] = model_version(config)
         config["history"] = histories
-        model = LoadedModel(config=config, networks=networks, layouts=data.layouts, device="cpu")
+        blend = _fit_blend(data, validation_medians, seed, config) if training.blend_trees else None
+        model = LoadedModel(config=config, networks=networks, layouts=data.layouts, device="cpu", blend=blend)
 
         q = _test_predictions(model, data)
         metrics = _test_metrics(q, data, seed, baselines_enabled)
+        q_network = _test_predictions(model, data, blend=False) if blend is not None else q
+        if blend is not None:   # the ablation: the network alone on the same rows
+            metrics["network"] = _cold_metrics(q_network, data)
         nowcasts = None
         if data.nowcast_test.size:
             nowcasts = _nowcast_table(q, data)
             metrics["nowcast"] = nowcast_metrics(data, q[data.nowcast_positions], seed, baselines_enabled)
+            if blend is not None:
+                metrics["nowcast"]["network"] = _quantile_metrics(q_network[data.nowcast_positions],
+                                                                  data.arrays["log_labels"][data.nowcast_test])
     config["metrics"] = {"test": metrics, "train_seconds": round(time.perf_counter() - started, 1)}
     result = _metrics_json(config)
-    _write_artifact(output_dir, networks, config, _prediction_table(q, data), result, nowcasts)
+    _write_artifact(output_dir, networks, config, _prediction_table(q, data), result, nowcasts, blend)
     _log_summary(result, started)
     return result
 
@@ -422,16 +431,20 @@ class _EnsembleFit:
     source: LoadedModel | None
     freeze: tuple[str, ...]
 
-    def fit(self, seed: int, threads: int | None) -> tuple[list[PopularityNet], list[dict]]:
-        """The trained members (on CPU, eval mode) and their training histories."""
+    def fit(self, seed: int, threads: int | None) -> tuple[list[PopularityNet], list[dict], np.ndarray]:
+        """The trained members (on CPU, eval mode), their training histories, and the validation rows' log1p
+        medians (N_val, T) of the early-stopping members averaged: predictions by networks that never
+        trained on those rows, which the tree blend's weights are picked against."""
         train_batch, val_batch = self.data.batch(self.data.split.train), self.data.batch(self.data.split.validation)
         networks, histories = [], []
+        validation = np.zeros((len(val_batch), len(TARGETS)), dtype=np.float64)
         with deterministic(seed, threads):
             for member in range(self.training.ensemble_size):
-                net, history = self._fit_member(member, seed * 1000 + member, train_batch, val_batch)
+                net, history, medians = self._fit_member(member, seed * 1000 + member, train_batch, val_batch)
                 networks.append(net.to("cpu").eval())
                 histories.append(history)
-        return networks, histories
+                validation += medians / self.training.ensemble_size
+        return networks, histories, validation
 
     def _initial_network(self, member_seed: int) -> PopularityNet:
         # Seeded here, so that the refit starts from the very weights the early-stopping run started from.
@@ -442,31 +455,78 @@ class _EnsembleFit:
         return net
 
     def _fit_member(self, member: int, member_seed: int, train_batch: StoredInputs, val_batch: StoredInputs
-                    ) -> tuple[PopularityNet, dict]:
+                    ) -> tuple[PopularityNet, dict, np.ndarray]:
         # Early stopping weighs cold starts and nowcasts equally (each group's MAE, averaged).
         val_groups = (~self.data.samples.cold[self.data.split.validation]).astype(np.int64)
         net, history = fit_network(self._initial_network(member_seed), train_batch, val_batch, self.training,
                                    member_seed, self.device, tag=f"[m{member}] ", val_groups=val_groups)
         best_epoch = max([h["epoch"] for h in history if h.get("best")] or [len(history)])
+        medians = self._validation_medians(net, val_batch)
         if not self.training.refit_full_train:
-            return net, {"early_stopping": history, "best_epoch": best_epoch}
+            return net, {"early_stopping": history, "best_epoch": best_epoch}, medians
         # The latest videos are the most informative for the future: retrain on train+validation for
         # the early-stopped number of epochs (the validation set was only needed to pick that number).
         net, refit_history = fit_network(self._initial_network(member_seed), self.data.batch(self.data.fit_rows),
                                          None, self.training, member_seed + 1, self.device, fixed_epochs=best_epoch,
                                          tag=f"[m{member} refit] ")
-        return net, {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}
+        return net, {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}, medians
+
+    def _validation_medians(self, net: PopularityNet, val_batch: StoredInputs) -> np.ndarray:
+        """(N_val, T) log1p medians of the early-stopped member on the validation rows (zeros when the tree
+        blend is off: nothing reads them)."""
+        if not self.training.blend_trees or len(val_batch) == 0:
+            return np.zeros((len(val_batch), len(TARGETS)))
+        member = LoadedModel(config=self.config, layouts=self.data.layouts, networks=[net.eval()],
+                             device=self.device)
+        return _predict_rows(member, val_batch, blend=False)[..., 1].astype(np.float64)
 
 
-def _test_predictions(model: LoadedModel, data: _TrainingData, batch_size: int = 4096) -> np.ndarray:
+def _test_predictions(model: LoadedModel, data: _TrainingData, batch_size: int = 4096, blend: bool = True
+                      ) -> np.ndarray:
     """(N_test, T, 3) log1p quantiles of the test rows, through the scoring path of the finished model
     (LoadedModel.predict_batch_log, in predict_log's batches), reading the test inputs in bounded chunks."""
-    test = data.batch(data.split.test)
-    out = np.empty((len(test), len(TARGETS), 3), dtype=np.float32)
-    for start in range(0, len(test), batch_size):
-        stop = min(start + batch_size, len(test))
-        out[start:stop] = model.predict_batch_log(test.index(np.arange(start, stop)))
+    return _predict_rows(model, data.batch(data.split.test), batch_size, blend)
+
+
+def _predict_rows(model: LoadedModel, inputs: StoredInputs, batch_size: int = 4096, blend: bool = True
+                  ) -> np.ndarray:
+    out = np.empty((len(inputs), len(TARGETS), 3), dtype=np.float32)
+    for start in range(0, len(inputs), batch_size):
+        stop = min(start + batch_size, len(inputs))
+        out[start:stop] = model.predict_batch_log(inputs.index(np.arange(start, stop)), blend=blend)
     return out
+
+
+def _quantile_metrics(q: np.ndarray, truth: np.ndarray) -> dict:
+    return all_target_metrics(truth, q[..., 1], q[..., 0], q[..., 2])
+
+
+def _cold_metrics(q: np.ndarray, data: _TrainingData) -> dict:
+    return _quantile_metrics(q[data.cold_positions], data.arrays["log_labels"][data.cold_test])
+
+
+# Validation rows the blend weights are picked on (a seeded sample beyond this).
+BLEND_MAX_VALIDATION_ROWS = 50_000
+
+
+def _fit_blend(data: _TrainingData, validation_medians: np.ndarray, seed: int, config: dict):
+    """The trees of model.blend, fitted on (at most BASELINE_MAX_TRAIN_ROWS) training rows; the network's
+    weight per target picked on validation rows against the early-stopping networks' medians. Records the
+    weights and the validation MAEs in config["blend"]; None when lightgbm is missing or no group has trees."""
+    center, scale = data.targets.center.astype(np.float64), data.targets.scale.astype(np.float64)
+    train_rows = _sample_rows(data.split.train, BASELINE_MAX_TRAIN_ROWS, seed + 7)
+    positions = _sample_rows(np.arange(len(data.split.validation)), BLEND_MAX_VALIDATION_ROWS, seed + 8)
+    val_rows = data.split.validation[positions]
+    train_x, train_nowcast = blend_matrix(data.tabular(train_rows), data.layouts, center, scale)
+    val_x, val_nowcast = blend_matrix(data.tabular(val_rows), data.layouts, center, scale)
+    labels = data.arrays["log_labels"]
+    blend, report = fit_tree_blend(train_x, labels[train_rows], train_nowcast, val_x, labels[val_rows], val_nowcast,
+                                   validation_medians[positions], seed)
+    if blend is not None:
+        config["blend"] = {"weights": blend.weights(), "validation": report,
+                           "train_rows": int(len(train_rows)), "validation_rows": int(len(val_rows))}
+        log.info("tree blend, network weight per target: %s", blend.weights())
+    return blend
 
 
 def _test_metrics(q: np.ndarray, data: _TrainingData, seed: int, baselines_enabled: bool) -> dict:
@@ -523,10 +583,10 @@ def _nowcast_table(q: np.ndarray, data: _TrainingData) -> pa.Table:
 
 
 def _write_artifact(output_dir: str, networks: list[PopularityNet], config: dict, predictions: pa.Table,
-                    metrics: dict, nowcasts: pa.Table | None = None) -> None:
+                    metrics: dict, nowcasts: pa.Table | None = None, blend=None) -> None:
     """MODEL_DIR: weights + config.json, test_predictions.parquet, test_nowcasts.parquet (observation logs) and
     metrics.json."""
-    save_model(output_dir, networks, config)
+    save_model(output_dir, networks, config, blend)
     fs, root = storage.filesystem_and_path(output_dir)
     with fs.open_output_stream(f"{root}/test_predictions.parquet") as out:
         pq.write_table(predictions, out)

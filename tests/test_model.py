@@ -5,19 +5,21 @@ whole path catalog → features → tensors → network → MODEL_DIR is exercis
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from featurizers.core.contracts import CATALOG_SCHEMA, TARGETS, FeatureSpec
 from featurizers.core.feature_table import feature_table_to_arrow
-from model.artifact import load_model
+from model.artifact import ModelIntegrityError, load_model
 from model.data import FeatureVersionError, catalog_arrays, fit_layout, make_batch, read_features, time_split
 from model.network import NetworkConfig, PopularityNet, pinball_loss
 from model.train import TrainingConfig, train
@@ -176,7 +178,7 @@ def test_time_split_puts_latest_rows_in_test(workspace):
 
 def test_training_learns_planted_signal_and_writes_artifacts(workspace):
     model_dir, metrics = workspace["model_dir"], workspace["metrics"]["test"]
-    assert sorted(os.listdir(model_dir)) == ["config.json", "metrics.json", "model.safetensors",
+    assert sorted(os.listdir(model_dir)) == ["blend.json", "config.json", "metrics.json", "model.safetensors",
                                              "test_predictions.parquet"]
     for target in TARGETS:
         assert metrics["model"][target]["mae_log1p"] < 0.8 * metrics["global_median"][target]["mae_log1p"]
@@ -262,3 +264,41 @@ def test_evaluation_report_is_self_contained(workspace, tmp_path):
     # Dropping the text branch (where the planted signal is) must hurt.
     assert report["ablation"]["without text"]["views"]["mae_log1p"] > report["test"]["views"]["mae_log1p"]
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["model_version"] == report["model_version"]
+
+
+def test_tree_blend_weights_come_from_validation_and_the_file_is_checked(workspace, tmp_path):
+    config = json.load(open(os.path.join(workspace["model_dir"], "config.json")))
+    blend = config["blend"]
+    for target, report in blend["validation"]["cold"].items():
+        maes = report["validation_mae"]
+        # The grid holds both ends, so the chosen blend is never worse than either part on validation.
+        assert maes["blend"] <= min(maes["network"], maes["trees"]) + 1e-12
+        assert blend["weights"]["cold"][target] == report["weight_network"]
+    metrics = workspace["metrics"]["test"]
+    assert set(metrics["network"]) == set(TARGETS)   # the network alone, reported beside the blend
+    # Test labels never reach the weights: retraining with every test label changed picks the same ones.
+    catalog = workspace["catalog"]
+    test_ids = pq.read_table(os.path.join(workspace["model_dir"], "test_predictions.parquet")).column("video_id")
+    in_test = pc.is_in(catalog.column("video_id"), test_ids)
+    scrambled = catalog.set_column(catalog.schema.get_field_index("views"), "views",
+                                   pc.if_else(in_test, pa.scalar(7, catalog.schema.field("views").type),
+                                              catalog.column("views")))
+    again = str(tmp_path / "scrambled")
+    train(scrambled, workspace["features"], again, seed=3, network=SMALL, training=FAST, threads=1,
+          baselines_enabled=False)
+    assert json.load(open(os.path.join(again, "config.json")))["blend"]["weights"] == blend["weights"]
+    # An edited blend file is refused, like edited weights.
+    with open(os.path.join(again, "blend.json"), "r+b") as f:
+        f.seek(50)
+        f.write(b"0")
+    with pytest.raises(ModelIntegrityError, match="blend.json"):
+        load_model(again)
+
+
+def test_without_trees_the_model_is_the_network_alone(workspace, tmp_path):
+    out = str(tmp_path / "no_blend")
+    train(workspace["catalog"], workspace["features"], out, seed=3, network=SMALL,
+          training=dataclasses.replace(FAST, blend_trees=False), threads=1, baselines_enabled=False)
+    assert "blend.json" not in os.listdir(out) and "blend" not in json.load(open(os.path.join(out, "config.json")))
+    assert load_model(out).blend is None
+
