@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "onnx>=1.16",               # torch.onnx.export of EfficientNet-Lite0 for onnxruntime
     "matplotlib>=3.8",          # PNG plots of the evaluation report
     "scipy>=1.11",
+    "lightgbm>=4",              # the trees blended into the network's predictions (model/blend.py)
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,7 +33,6 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "import-linter>=2.17",      # `make test` checks the floors (.importlinter)
         "duckdb>=1.1",              # tests read the scored table the way users do
-        "lightgbm>=4",
         "gcp-storage-emulator>=2024.8",
         "pyiceberg[sql-sqlite,pyarrow]>=0.9",
     ],
