@@ -42,6 +42,7 @@ from model.data import (
     observed_arrays,
 )
 from model.blend import BLEND_FILE, TreeBlend, blend_matrix
+from model.calibration import apply_offsets
 from model.network import NetworkConfig, PopularityNet
 from model.samples import input_arrays
 
@@ -117,7 +118,8 @@ class LoadedModel(ModelCard):
     def predict_batch_log(self, batch: Batch, drop_modalities: tuple[str, ...] = (), blend: bool = True
                           ) -> np.ndarray:
         """(B, T, 3) p10/p50/p90 of log1p(count) of a prepared Batch (ensemble mean, then the tree blend when
-        the model has one; blend=False or a modality ablation gives the network alone): predict_log's step,
+        the model has one, then the calibrated interval; blend=False or a modality ablation gives the network
+        alone): predict_log's step,
         for callers that build inputs themselves (training reads its test rows from disk)."""
         center = np.asarray(self.config["target_center"], dtype=np.float32)
         scale = np.asarray(self.config["target_scale"], dtype=np.float32)
@@ -125,10 +127,15 @@ class LoadedModel(ModelCard):
         with torch.inference_mode(), autocast(self.device):
             preds = torch.stack([net(on_device, drop_modalities) for net in self.networks]).mean(0)
         q = preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
-        if self.blend is None or not blend or drop_modalities:
+        if not blend or drop_modalities:
             return q
-        matrix, nowcast = blend_matrix(batch, self.layouts, center.astype(np.float64), scale.astype(np.float64))
-        return self.blend.apply(q, matrix, nowcast)
+        if self.blend is not None:
+            matrix, nowcast = blend_matrix(batch, self.layouts, center.astype(np.float64), scale.astype(np.float64))
+            q = self.blend.apply(q, matrix, nowcast)
+        else:
+            nowcast = (batch.observed.mask.cpu().numpy().any(axis=1) if batch.observed is not None
+                       else np.zeros(len(q), dtype=bool))
+        return apply_offsets(q, self.config.get("calibration"), nowcast)
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                 horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:

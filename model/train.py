@@ -58,6 +58,7 @@ from model.data import (
     training_fingerprint,
 )
 from model.blend import blend_matrix, fit_tree_blend
+from model.calibration import interval_offsets
 from model.metrics import all_target_metrics, mean_mae
 from model.samples import NOWCAST_MIN_GAP_DAYS, Samples, observation_samples, split_samples
 from model.network import QUANTILES, NetworkConfig, PopularityNet, pinball_loss
@@ -240,10 +241,11 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
         config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
                                init_from=init_from, freeze=freeze, device=device)
         ensemble = _EnsembleFit(config, data, training, device, data.source, tuple(freeze))
-        networks, histories, validation_medians = ensemble.fit(seed, threads)
+        networks, histories, validation_q = ensemble.fit(seed, threads)
         config["model_version"] = model_version(config)
         config["history"] = histories
-        blend = _fit_blend(data, validation_medians, seed, config) if training.blend_trees else None
+        blend = _fit_blend(data, validation_q[..., 1], seed, config) if training.blend_trees else None
+        config["calibration"] = _calibration(data, validation_q, blend, seed)
         model = LoadedModel(config=config, networks=networks, layouts=data.layouts, device="cpu", blend=blend)
 
         q = _test_predictions(model, data)
@@ -433,17 +435,17 @@ class _EnsembleFit:
 
     def fit(self, seed: int, threads: int | None) -> tuple[list[PopularityNet], list[dict], np.ndarray]:
         """The trained members (on CPU, eval mode), their training histories, and the validation rows' log1p
-        medians (N_val, T) of the early-stopping members averaged: predictions by networks that never
-        trained on those rows, which the tree blend's weights are picked against."""
+        quantiles (N_val, T, 3) of the early-stopping members averaged: predictions by networks that never
+        trained on those rows, which the tree blend's weights and the interval calibration are fitted on."""
         train_batch, val_batch = self.data.batch(self.data.split.train), self.data.batch(self.data.split.validation)
         networks, histories = [], []
-        validation = np.zeros((len(val_batch), len(TARGETS)), dtype=np.float64)
+        validation = np.zeros((len(val_batch), len(TARGETS), 3), dtype=np.float64)
         with deterministic(seed, threads):
             for member in range(self.training.ensemble_size):
-                net, history, medians = self._fit_member(member, seed * 1000 + member, train_batch, val_batch)
+                net, history, quantiles = self._fit_member(member, seed * 1000 + member, train_batch, val_batch)
                 networks.append(net.to("cpu").eval())
                 histories.append(history)
-                validation += medians / self.training.ensemble_size
+                validation += quantiles / self.training.ensemble_size
         return networks, histories, validation
 
     def _initial_network(self, member_seed: int) -> PopularityNet:
@@ -461,24 +463,21 @@ class _EnsembleFit:
         net, history = fit_network(self._initial_network(member_seed), train_batch, val_batch, self.training,
                                    member_seed, self.device, tag=f"[m{member}] ", val_groups=val_groups)
         best_epoch = max([h["epoch"] for h in history if h.get("best")] or [len(history)])
-        medians = self._validation_medians(net, val_batch)
+        quantiles = self._validation_quantiles(net, val_batch)
         if not self.training.refit_full_train:
-            return net, {"early_stopping": history, "best_epoch": best_epoch}, medians
+            return net, {"early_stopping": history, "best_epoch": best_epoch}, quantiles
         # The latest videos are the most informative for the future: retrain on train+validation for
         # the early-stopped number of epochs (the validation set was only needed to pick that number).
         net, refit_history = fit_network(self._initial_network(member_seed), self.data.batch(self.data.fit_rows),
                                          None, self.training, member_seed + 1, self.device, fixed_epochs=best_epoch,
                                          tag=f"[m{member} refit] ")
-        return net, {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}, medians
+        return net, {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}, quantiles
 
-    def _validation_medians(self, net: PopularityNet, val_batch: StoredInputs) -> np.ndarray:
-        """(N_val, T) log1p medians of the early-stopped member on the validation rows (zeros when the tree
-        blend is off: nothing reads them)."""
-        if not self.training.blend_trees or len(val_batch) == 0:
-            return np.zeros((len(val_batch), len(TARGETS)))
+    def _validation_quantiles(self, net: PopularityNet, val_batch: StoredInputs) -> np.ndarray:
+        """(N_val, T, 3) log1p quantiles of the early-stopped member on the validation rows."""
         member = LoadedModel(config=self.config, layouts=self.data.layouts, networks=[net.eval()],
                              device=self.device)
-        return _predict_rows(member, val_batch, blend=False)[..., 1].astype(np.float64)
+        return _predict_rows(member, val_batch, blend=False).astype(np.float64)
 
 
 def _test_predictions(model: LoadedModel, data: _TrainingData, batch_size: int = 4096, blend: bool = True
@@ -505,8 +504,26 @@ def _cold_metrics(q: np.ndarray, data: _TrainingData) -> dict:
     return _quantile_metrics(q[data.cold_positions], data.arrays["log_labels"][data.cold_test])
 
 
-# Validation rows the blend weights are picked on (a seeded sample beyond this).
+# Validation rows the blend weights and the interval calibration are fitted on (a seeded sample beyond this).
 BLEND_MAX_VALIDATION_ROWS = 50_000
+
+
+def _validation_sample(data: _TrainingData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in split.validation, their sample rows): the validation rows the blend and calibration use."""
+    positions = _sample_rows(np.arange(len(data.split.validation)), BLEND_MAX_VALIDATION_ROWS, seed + 8)
+    return positions, data.split.validation[positions]
+
+
+def _calibration(data: _TrainingData, validation_q: np.ndarray, blend, seed: int) -> dict:
+    """Split-conformal offsets of the p10–p90 interval per group and target (model.calibration), from the
+    early-stopping networks' validation quantiles after the blend."""
+    center, scale = data.targets.center.astype(np.float64), data.targets.scale.astype(np.float64)
+    positions, rows = _validation_sample(data, seed)
+    matrix, nowcast = blend_matrix(data.tabular(rows), data.layouts, center, scale)
+    q = validation_q[positions].astype(np.float32)
+    if blend is not None:
+        q = blend.apply(q, matrix, nowcast)
+    return interval_offsets(q, data.arrays["log_labels"][rows], nowcast)
 
 
 def _fit_blend(data: _TrainingData, validation_medians: np.ndarray, seed: int, config: dict):
@@ -515,8 +532,7 @@ def _fit_blend(data: _TrainingData, validation_medians: np.ndarray, seed: int, c
     weights and the validation MAEs in config["blend"]; None when lightgbm is missing or no group has trees."""
     center, scale = data.targets.center.astype(np.float64), data.targets.scale.astype(np.float64)
     train_rows = _sample_rows(data.split.train, BASELINE_MAX_TRAIN_ROWS, seed + 7)
-    positions = _sample_rows(np.arange(len(data.split.validation)), BLEND_MAX_VALIDATION_ROWS, seed + 8)
-    val_rows = data.split.validation[positions]
+    positions, val_rows = _validation_sample(data, seed)
     train_x, train_nowcast = blend_matrix(data.tabular(train_rows), data.layouts, center, scale)
     val_x, val_nowcast = blend_matrix(data.tabular(val_rows), data.layouts, center, scale)
     labels = data.arrays["log_labels"]

@@ -1,0 +1,44 @@
+"""model/calibration.py: split-conformal p10–p90 offsets reach the nominal coverage on fresh rows."""
+from __future__ import annotations
+
+import numpy as np
+
+from featurizers.core.contracts import TARGETS
+from model.calibration import NOMINAL_COVERAGE, apply_offsets, interval_offsets
+
+
+def _draw(rng: np.random.Generator, n: int, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Quantiles of a model whose intervals are `width` wide around a median, and labels with unit noise."""
+    median = rng.normal(size=(n, len(TARGETS)))
+    labels = median + rng.normal(size=(n, len(TARGETS)))
+    q = np.stack([median - width / 2, median, median + width / 2], axis=-1).astype(np.float32)
+    return q, labels
+
+
+def _coverage(q: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return ((labels >= q[..., 0]) & (labels <= q[..., 2])).mean(axis=0)
+
+
+def test_too_narrow_and_too_wide_intervals_are_brought_to_the_nominal_coverage() -> None:
+    rng = np.random.default_rng(0)
+    for width in (1.0, 5.0):   # true 80% interval of unit noise: 2.56 wide
+        q_val, y_val = _draw(rng, 4000, width)
+        none = np.zeros(len(q_val), dtype=bool)
+        calibration = interval_offsets(q_val, y_val, none)
+        q_test, y_test = _draw(rng, 20000, width)
+        before = _coverage(q_test, y_test)
+        after = _coverage(apply_offsets(q_test, calibration, np.zeros(len(q_test), dtype=bool)), y_test)
+        assert np.all(np.abs(before - NOMINAL_COVERAGE) > 0.15)
+        assert np.all(np.abs(after - NOMINAL_COVERAGE) < 0.02), after
+        assert calibration["nowcast"] == [0.0] * len(TARGETS)   # no nowcast rows: no offset
+
+
+def test_offsets_never_cross_the_median_and_unknown_labels_are_ignored() -> None:
+    rng = np.random.default_rng(1)
+    q, y = _draw(rng, 500, 8.0)
+    y[::2, 0] = np.nan
+    calibration = interval_offsets(q, y, np.zeros(len(q), dtype=bool))
+    out = apply_offsets(q, calibration, np.zeros(len(q), dtype=bool))
+    assert np.all(out[..., 0] <= out[..., 1]) and np.all(out[..., 1] <= out[..., 2])
+    assert np.array_equal(out[..., 1], q[..., 1])
+    assert apply_offsets(q, None, np.zeros(len(q), dtype=bool)) is q
