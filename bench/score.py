@@ -39,7 +39,7 @@ from pipelines.catalog import read_catalog
 BASE_ROWS = 20_000          # rows drawn by generate_rows; larger catalogs are copies of them
 FEATURE_FILE_ROWS = 100_000  # feature tables are written in parts of this size (as a sharded write leaves)
 ROW_GROUP_ROWS = 20_000      # readers yield one table per row group: keeps 896-float text rows in ~70 MB pieces
-DATA_VERSION = "2"          # bump when the generated data changes, so old caches are not reused
+DATA_VERSION = "3"          # bump when the generated data or the model changes, so old caches are not reused
 RUNNER_ARGS = {
     "in_memory": ["--runner", "DirectRunner", "--direct_running_mode", "in_memory"],
     "multi_processing": ["--runner", "DirectRunner", "--direct_running_mode", "multi_processing",
