@@ -80,10 +80,11 @@ log = logging.getLogger("popcast.score")
 # scored catalog. The other catalog columns are attached to the predictions by position when partitions
 # are published (publish_partitions), so the job reads and writes ids and predictions, not captions.
 ROW_COLUMN = publish.CATALOG_ROW_COLUMN
-# Rows per shard: one shard is one model batch. At 896 text floats a shard is ~30 MB of features and a
-# worker peaks ~450 MB above its imports while scoring it (bench.score at 1M rows: 8,192-row shards keep
-# the driver and two workers under 3 GB together at ~0.87x the plain script; 16,384 rows: 3.3 GB, ~0.97x).
-ROWS_PER_SHARD = 8_192
+# Rows per shard: one shard is one model batch. At 896 text floats a 6,144-row shard is ~22 MB of features.
+# A worker's transient memory grows with the shard, and each shard costs ~0.2 s of fixed work (bench.score,
+# 1M rows, tree-blended model, driver + two workers: 8,192-row shards 3.0 GB at 1.0x the plain script;
+# 4,096 2.7 GB at 0.79x).
+ROWS_PER_SHARD = 6_144
 
 
 def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

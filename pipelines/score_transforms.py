@@ -193,6 +193,9 @@ class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, "LoadedModel"]):
                     metadata[b"popcast.shapes"] = json.dumps(layout.sequences).encode()
                 metadata.setdefault(b"popcast.featurizer", layout.featurizer.encode())
                 tables[modality] = feature_table_from_arrow(table, modality, metadata)
+            # The Arrow feature rows are copied into `tables` by now: let them go before the model runs.
+            joined.features.clear()
+            table = None
             scored = self._attach(joined.catalog, self._predict(joined.catalog, tables, model), model)
             del tables
             release_memory()   # the shard's feature matrices and activations are garbage now
