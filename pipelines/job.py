@@ -425,8 +425,9 @@ def job_main(run: Callable[[list[str] | None], JobSummary], argv: list[str] | No
 def configure_logging(debug: bool = False) -> None:
     """popcast's own progress at INFO; Beam's INFO chatter (type-hint conversions, worker handlers, ...) only
     with --debug: it made up 170 of 184 log lines of a small score run."""
+    # force: importing Beam logs a warning through the root logger, which configures it at WARNING first.
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(levelname)s %(message)s", force=True)
     if not debug:
         for noisy in ("apache_beam", "root.apache_beam"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

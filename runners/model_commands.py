@@ -57,7 +57,9 @@ def train_main(argv: list[str] | None = None) -> dict:
     if args.init_from:
         check_input_path(parser, "--init-from", args.init_from)
     check_output_dir(parser, "--output", args.output)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # force: importing Beam logs a warning through the root logger, which would otherwise have configured it
+    # at WARNING already and hidden training's progress lines (and bench.train's epoch timings).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     # 0 has always meant "the default" here, not "no training".
     overrides = {"epochs": args.epochs, "ensemble_size": args.ensemble}
     training = TrainingConfig(**{k: v for k, v in overrides.items() if v})
