@@ -41,7 +41,7 @@ from model.data import (
     make_batch,
     observed_arrays,
 )
-from model.blend import BLEND_FILE, TreeBlend, blend_matrix
+from model.blend import BLEND_FILE, TreeBlend, blend_matrix, nowcast_rows
 from model.calibration import apply_offsets
 from model.network import NetworkConfig, PopularityNet
 from model.samples import input_arrays
@@ -133,8 +133,7 @@ class LoadedModel(ModelCard):
             matrix, nowcast = blend_matrix(batch, self.layouts, center.astype(np.float64), scale.astype(np.float64))
             q = self.blend.apply(q, matrix, nowcast)
         else:
-            nowcast = (batch.observed.mask.cpu().numpy().any(axis=1) if batch.observed is not None
-                       else np.zeros(len(q), dtype=bool))
+            nowcast = nowcast_rows(batch)
         return apply_offsets(q, self.config.get("calibration"), nowcast)
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],

@@ -26,7 +26,7 @@ from model.baselines import tabular_matrix
 from model.data import Batch, ModalityLayout
 
 __all__ = ["BLEND_FILE", "BLEND_GROUPS", "WEIGHT_GRID", "TreeBlend", "blend_matrix", "fit_tree_blend",
-           "group_columns"]
+           "group_columns", "nowcast_rows"]
 
 BLEND_FILE = "blend.json"
 BLEND_GROUPS = ("cold", "nowcast")
@@ -35,6 +35,13 @@ MIN_GROUP_ROWS = 200   # fewer training rows in a group: no trees for it (the ne
 TREE_PARAMS = dict(objective="regression_l1", learning_rate=0.03, num_leaves=31, min_child_samples=20,
                    subsample=0.8, subsample_freq=1, colsample_bytree=0.8, n_estimators=2000, n_jobs=1,
                    verbose=-1, deterministic=True)
+
+
+def nowcast_rows(batch: Batch) -> np.ndarray:
+    """(N,) bool: the rows that know at least one count of their video (the "nowcast" group)."""
+    if batch.observed is None:
+        return np.zeros(len(batch.log_age), dtype=bool)
+    return batch.observed.mask.cpu().numpy().any(axis=1)
 
 
 def blend_matrix(batch: Batch, layouts: dict[str, ModalityLayout], center: np.ndarray, scale: np.ndarray
@@ -50,8 +57,7 @@ def blend_matrix(batch: Batch, layouts: dict[str, ModalityLayout], center: np.nd
         mask = batch.observed.mask.cpu().numpy()
         raw = batch.observed.counts.cpu().numpy().astype(np.float64) * scale + center
         counts = np.where(mask, raw, np.nan)
-        has = mask.any(axis=1)
-        age = np.where(has, batch.observed.log_age.cpu().numpy().astype(np.float64), np.nan)
+        age = np.where(nowcast_rows(batch), batch.observed.log_age.cpu().numpy().astype(np.float64), np.nan)
     return np.column_stack([matrix, counts, age]), np.isfinite(age)
 
 
@@ -135,8 +141,9 @@ def fit_tree_blend(train_x: np.ndarray, train_y: np.ndarray, train_nowcast: np.n
             network = val_network[val_rows, j][va]
             maes = [float(np.mean(np.abs(w * network + (1 - w) * trees - vy[va]))) for w in WEIGHT_GRID]
             best = int(np.argmin(maes))
+            # At weight 1.0 the trees are never read: they are not stored.
             targets[target] = {"weight": float(WEIGHT_GRID[best]),
-                               "trees": model.booster_.model_to_string()}
+                               "trees": model.booster_.model_to_string() if WEIGHT_GRID[best] < 1.0 else None}
             group_report[target] = {"weight_network": float(WEIGHT_GRID[best]), "validation_rows": int(va.sum()),
                                     "validation_mae": {"network": maes[-1], "trees": maes[0], "blend": maes[best]}}
         if targets:

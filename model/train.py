@@ -244,20 +244,21 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
         networks, histories, validation_q = ensemble.fit(seed, threads)
         config["model_version"] = model_version(config)
         config["history"] = histories
-        blend = _fit_blend(data, validation_q[..., 1], seed, config) if training.blend_trees else None
-        config["calibration"] = _calibration(data, validation_q, blend, seed)
+        validation = _ValidationSample.draw(data, validation_q, seed)
+        blend = _fit_blend(data, validation, seed, config) if training.blend_trees else None
+        config["calibration"] = validation.calibration(blend)
         model = LoadedModel(config=config, networks=networks, layouts=data.layouts, device="cpu", blend=blend)
 
         q = _test_predictions(model, data)
         metrics = _test_metrics(q, data, seed, baselines_enabled)
-        q_network = _test_predictions(model, data, blend=False) if blend is not None else q
-        if blend is not None:   # the ablation: the network alone on the same rows
-            metrics["network"] = _cold_metrics(q_network, data)
         nowcasts = None
         if data.nowcast_test.size:
             nowcasts = _nowcast_table(q, data)
             metrics["nowcast"] = nowcast_metrics(data, q[data.nowcast_positions], seed, baselines_enabled)
-            if blend is not None:
+        if blend is not None:   # the ablation: the network alone on the same rows
+            q_network = _test_predictions(model, data, blend=False)
+            metrics["network"] = _cold_metrics(q_network, data)
+            if data.nowcast_test.size:
                 metrics["nowcast"]["network"] = _quantile_metrics(q_network[data.nowcast_positions],
                                                                   data.arrays["log_labels"][data.nowcast_test])
     config["metrics"] = {"test": metrics, "train_seconds": round(time.perf_counter() - started, 1)}
@@ -508,39 +509,46 @@ def _cold_metrics(q: np.ndarray, data: _TrainingData) -> dict:
 BLEND_MAX_VALIDATION_ROWS = 50_000
 
 
-def _validation_sample(data: _TrainingData, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions in split.validation, their sample rows): the validation rows the blend and calibration use."""
-    positions = _sample_rows(np.arange(len(data.split.validation)), BLEND_MAX_VALIDATION_ROWS, seed + 8)
-    return positions, data.split.validation[positions]
+@dataclass
+class _ValidationSample:
+    """The validation rows the blend and the calibration are fitted on, read once: their blend matrix, group,
+    log1p labels and the early-stopping networks' quantiles (N, T, 3)."""
+    matrix: np.ndarray
+    nowcast: np.ndarray
+    labels: np.ndarray
+    quantiles: np.ndarray
+
+    @classmethod
+    def draw(cls, data: _TrainingData, validation_q: np.ndarray, seed: int) -> "_ValidationSample":
+        positions = _sample_rows(np.arange(len(data.split.validation)), BLEND_MAX_VALIDATION_ROWS, seed + 8)
+        rows = data.split.validation[positions]
+        matrix, nowcast = blend_matrix(data.tabular(rows), data.layouts, *_label_units(data))
+        return cls(matrix, nowcast, data.arrays["log_labels"][rows], validation_q[positions])
+
+    def calibration(self, blend) -> dict:
+        """Split-conformal offsets of the p10–p90 interval per group and target (model.calibration), from the
+        quantiles after the blend."""
+        q = self.quantiles.astype(np.float32)
+        if blend is not None:
+            q = blend.apply(q, self.matrix, self.nowcast)
+        return interval_offsets(q, self.labels, self.nowcast)
 
 
-def _calibration(data: _TrainingData, validation_q: np.ndarray, blend, seed: int) -> dict:
-    """Split-conformal offsets of the p10–p90 interval per group and target (model.calibration), from the
-    early-stopping networks' validation quantiles after the blend."""
-    center, scale = data.targets.center.astype(np.float64), data.targets.scale.astype(np.float64)
-    positions, rows = _validation_sample(data, seed)
-    matrix, nowcast = blend_matrix(data.tabular(rows), data.layouts, center, scale)
-    q = validation_q[positions].astype(np.float32)
-    if blend is not None:
-        q = blend.apply(q, matrix, nowcast)
-    return interval_offsets(q, data.arrays["log_labels"][rows], nowcast)
+def _label_units(data: _TrainingData) -> tuple[np.ndarray, np.ndarray]:
+    return data.targets.center.astype(np.float64), data.targets.scale.astype(np.float64)
 
 
-def _fit_blend(data: _TrainingData, validation_medians: np.ndarray, seed: int, config: dict):
+def _fit_blend(data: _TrainingData, validation: _ValidationSample, seed: int, config: dict):
     """The trees of model.blend, fitted on (at most BASELINE_MAX_TRAIN_ROWS) training rows; the network's
-    weight per target picked on validation rows against the early-stopping networks' medians. Records the
-    weights and the validation MAEs in config["blend"]; None when lightgbm is missing or no group has trees."""
-    center, scale = data.targets.center.astype(np.float64), data.targets.scale.astype(np.float64)
+    weight per target picked on the validation sample against the early-stopping networks' medians. Records
+    the weights and the validation MAEs in config["blend"]; None when lightgbm is missing or no group has trees."""
     train_rows = _sample_rows(data.split.train, BASELINE_MAX_TRAIN_ROWS, seed + 7)
-    positions, val_rows = _validation_sample(data, seed)
-    train_x, train_nowcast = blend_matrix(data.tabular(train_rows), data.layouts, center, scale)
-    val_x, val_nowcast = blend_matrix(data.tabular(val_rows), data.layouts, center, scale)
-    labels = data.arrays["log_labels"]
-    blend, report = fit_tree_blend(train_x, labels[train_rows], train_nowcast, val_x, labels[val_rows], val_nowcast,
-                                   validation_medians[positions], seed)
+    train_x, train_nowcast = blend_matrix(data.tabular(train_rows), data.layouts, *_label_units(data))
+    blend, report = fit_tree_blend(train_x, data.arrays["log_labels"][train_rows], train_nowcast, validation.matrix,
+                                   validation.labels, validation.nowcast, validation.quantiles[..., 1], seed)
     if blend is not None:
         config["blend"] = {"weights": blend.weights(), "validation": report,
-                           "train_rows": int(len(train_rows)), "validation_rows": int(len(val_rows))}
+                           "train_rows": int(len(train_rows)), "validation_rows": int(len(validation.labels))}
         log.info("tree blend, network weight per target: %s", blend.weights())
     return blend
 
