@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import apache_beam as beam
 import pyarrow as pa
@@ -32,6 +32,7 @@ from featurizers.history import curve_from_spec_config
 from pipelines import publish
 from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, prepare_history
+from pipelines.retrieval import stage_retrieval
 from pipelines.job import (
     JobArgumentParser,
     JobSummary,
@@ -108,9 +109,9 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--force", action="store_true", help="redo video_ids already featurized")
     add_media_root_argument(parser)
     parser.add_argument("--history-curve-before", type=utc_instant, default=None, metavar="TIME",
-                        help="fit the history age curve only on rows published before this ISO date/time "
-                             "(for an evaluation: the start of the test period, so the curve never saw "
-                             "test labels)")
+                        help="fit the age curve of history and retrieval only on rows published before this "
+                             "ISO date/time (for an evaluation: the start of the test period, so the curve "
+                             "never saw test labels)")
     add_job_arguments(parser)
     args, beam_args = parser.parse_job_args(argv)
     check_input_path(parser, "--catalog", args.catalog)
@@ -212,6 +213,13 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
                         args.profile, beam_args, test_pipeline) if todo.num_rows else {}
     seconds = time.time() - start
     published, errors = _publish(staging, args.output, specs, run_id, args.force)
+    if "retrieval" in config.modalities:
+        # Needs every video's published caption embedding (this run's included): after the Beam graph.
+        text_featurizer = (specs.get("text") or feature_specs(replace(config, modalities=("text",)))["text"])
+        stage_retrieval(catalog, args.output, staging, text_featurizer.featurizer_id, run_id,
+                        args.history_curve_before)
+        published.update(publish.publish_features(staging, args.output, ["retrieval"], run_id, replace=True))
+        published.pop("_errors", None)
     featured_ids = set().union(*[set(t.column("video_id").to_pylist()) for t in published.values()]) \
         if published else set()
     error_ids = set(errors.column("video_id").to_pylist()) if errors.num_rows else set()

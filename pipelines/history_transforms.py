@@ -117,6 +117,15 @@ def curves_dir(features_dir: str) -> str:
     return storage.join(features_dir, "history", "_curves")
 
 
+def age_curve_before(catalog: pa.Table, curve_before: datetime | None = None) -> AgeCurve:
+    """The age curve fitted on the catalog's labelled rows published before curve_before (all when None)."""
+    source = catalog
+    if curve_before is not None:
+        source = catalog.filter(pc.less(catalog.column("publish_time"),
+                                        pa.scalar(curve_before, catalog.schema.field("publish_time").type)))
+    return fit_age_curve(source)
+
+
 def prepare_history(catalog: pa.Table, features_dir: str, curve_before: datetime | None = None) -> FeatureSpec:
     """Fit the age curve on the catalog's labelled rows, keep it beside the features, return the spec.
 
@@ -125,11 +134,7 @@ def prepare_history(catalog: pa.Table, features_dir: str, curve_before: datetime
     The curve is kept as DIR/history/_curves/<featurizer id>.json: scoring needs the very curve a model
     was trained with, even after a later featurize run refitted it on more labels.
     """
-    source = catalog
-    if curve_before is not None:
-        source = catalog.filter(pc.less(catalog.column("publish_time"),
-                                        pa.scalar(curve_before, catalog.schema.field("publish_time").type)))
-    spec = history_spec(fit_age_curve(source))
+    spec = history_spec(age_curve_before(catalog, curve_before))
     storage.write_bytes(storage.join(curves_dir(features_dir), f"{spec.featurizer_id}.json"),
                         json.dumps(spec.config, indent=1, sort_keys=True).encode())
     return spec

@@ -29,7 +29,8 @@ from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from featurizers.core import storage
-from featurizers.core.contracts import ERRORS_SCHEMA, OPTIONAL_MODALITIES, PREDICTION_COLUMNS, TARGETS, FeatureSpec
+from featurizers.core.contracts import (ERRORS_SCHEMA, PREDICTION_COLUMNS, SCORE_RECOMPUTED_MODALITIES, TARGETS,
+                                        FeatureSpec)
 from featurizers.core.feature_table import (
     FEATURE_ROW_GROUP_ROWS,
     NEEDS_COLUMN,
@@ -273,7 +274,7 @@ def plan_run(args: argparse.Namespace, run_id: str, places: RunPlaces) -> ScoreP
     for warning in warnings:
         log.warning(warning)
     config, specs = on_the_fly_config(model, run_id, device, tuple(args.media_root))
-    stored = {m: f for m, f in model.featurizers.items() if m not in OPTIONAL_MODALITIES}
+    stored = {m: f for m, f in model.featurizers.items() if m not in SCORE_RECOMPUTED_MODALITIES}
     needs = modalities_needed(todo, featurized_ids(args.features, stored), list(specs))
     on_the_fly = int(np.count_nonzero(pc.list_value_length(needs).to_numpy(zero_copy_only=False)))
     mismatched = {m: (s.featurizer_id, model.featurizers[m]) for m, s in specs.items()

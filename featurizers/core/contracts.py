@@ -13,7 +13,7 @@ import pyarrow as pa
 __all__ = ["TARGETS", "Column", "UTC_TIMESTAMP", "CATALOG_COLUMNS", "CATALOG_SCHEMA", "REQUIRED_COLUMNS",
            "OBSERVATION_KEY", "STATIC_COLUMNS",
            "LABEL_COLUMNS", "SUPPORTED_URI_SCHEMES", "ERRORS_SCHEMA", "MODALITIES", "MEDIA_MODALITIES",
-           "OPTIONAL_MODALITIES", "DEFAULT_FEATURIZE_MODALITIES", "MIN_AGE_DAYS", "MISSING_VECTOR",
+           "OPTIONAL_MODALITIES", "SCORE_RECOMPUTED_MODALITIES", "DEFAULT_FEATURIZE_MODALITIES", "MIN_AGE_DAYS", "MISSING_VECTOR",
            "FEATURE_KEY_COLUMNS",
            "embedding_type", "FeatureSpec", "PREDICTION_COLUMNS", "markdown_table", "readme_contracts"]
 
@@ -76,11 +76,14 @@ ERROR_COLUMNS: tuple[Column, ...] = (
 ERRORS_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in ERROR_COLUMNS])
 
 # Feature tables: DIR/<modality>/*.parquet, keyed by video_id, one row per video.
-MODALITIES: tuple[str, ...] = ("visual", "audio", "text", "meta", "history")
+MODALITIES: tuple[str, ...] = ("visual", "audio", "text", "meta", "history", "retrieval")
 # Only rows with a video_uri can have these.
 MEDIA_MODALITIES: tuple[str, ...] = ("visual", "audio")
-# History depends on other rows' labels: opt-in, recomputed for every row on each run, never stored per id.
-OPTIONAL_MODALITIES: tuple[str, ...] = ("history",)
+# History and retrieval depend on other rows' labels: opt-in, recomputed for every row on each run, never
+# stored per id.
+OPTIONAL_MODALITIES: tuple[str, ...] = ("history", "retrieval")
+# Opt-in modalities a score job recomputes itself as of scoring (the others are read from the features dir).
+SCORE_RECOMPUTED_MODALITIES: tuple[str, ...] = ("history",)
 DEFAULT_FEATURIZE_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITIES if m not in OPTIONAL_MODALITIES)
 # Youngest age (days) an observation is taken at: younger ones carry no usable age (featurizers and model).
 MIN_AGE_DAYS = 1.0 / 24.0
