@@ -59,11 +59,11 @@ def label_residuals(log_labels: np.ndarray, age_days: np.ndarray, curve: AgeCurv
 
 def _unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(unit-norm float32 rows, usable mask): a row with a NaN or a zero norm is unusable."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1)
+    unit = np.array(vectors, dtype=np.float32, copy=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", unit, unit))   # no squared copy of the catalog
     usable = np.isfinite(norms) & (norms > 0)
-    unit = np.zeros_like(vectors)
-    unit[usable] = vectors[usable] / norms[usable, None]
+    unit /= np.where(usable, norms, 1.0)[:, None]   # in place: no temporary of the catalog's size
+    unit[~usable] = 0.0
     return unit, usable
 
 
@@ -79,11 +79,13 @@ def neighbour_features(query_publish_us: np.ndarray, query_vectors: np.ndarray, 
     out = {name: np.full(n_query, np.nan) for name, _ in RETRIEVAL_SCALARS}
     out["has_neighbours"] = np.zeros(n_query, np.int8)
     out["n_neighbours"] = np.zeros(n_query, np.int32)
+    # One unit-norm copy of the vectors (shared when queries are the sources); the time order is kept as
+    # indices and each block gathers its candidates, so a 1M × 384 catalog holds two copies, not four.
     src_unit, src_ok = _unit_rows(source_vectors)
     keep = np.flatnonzero(src_ok)
     order = keep[np.argsort(source_publish_us[keep], kind="stable")]
-    src_t, src_unit, src_res = source_publish_us[order], src_unit[order], source_residuals[order]
-    q_unit, q_ok = _unit_rows(query_vectors)
+    src_t = source_publish_us[order]
+    q_unit, q_ok = ((src_unit, src_ok) if query_vectors is source_vectors else _unit_rows(query_vectors))
     queries = np.flatnonzero(q_ok)
     queries = queries[np.argsort(query_publish_us[queries], kind="stable")]
     # Per query, the sources it may see are the contiguous run [first, last) of the time-sorted sources.
@@ -94,7 +96,7 @@ def neighbour_features(query_publish_us: np.ndarray, query_vectors: np.ndarray, 
         if hi.max() == 0:
             continue
         span = np.arange(lo.min(), hi.max())
-        sims = q_unit[rows] @ src_unit[span].T
+        sims = q_unit[rows] @ src_unit[order[span]].T
         visible = (span[None, :] >= lo[:, None]) & (span[None, :] < hi[:, None])
         sims = np.where(visible, sims, -np.inf)
         kk = min(k, sims.shape[1])
@@ -110,7 +112,7 @@ def neighbour_features(query_publish_us: np.ndarray, query_vectors: np.ndarray, 
         with np.errstate(invalid="ignore", divide="ignore"):
             out["similarity_max"][rows[has]] = np.nanmax(safe[has], axis=1)
             out["similarity_mean"][rows[has]] = np.nanmean(safe[has], axis=1)
-            residuals = src_res[span[top]]                                   # (B, kk, T)
+            residuals = source_residuals[order[span[top]]]                   # (B, kk, T)
             for j, target in enumerate(TARGETS):
                 labelled = found & np.isfinite(residuals[..., j])
                 w = np.where(labelled, weights, 0.0)
