@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(PY) -m bench.featurize
 	$(PY) -m bench.train
 	$(PY) -m bench.score
+	$(PY) -m bench.retrieval
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

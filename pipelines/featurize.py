@@ -32,7 +32,6 @@ from featurizers.history import curve_from_spec_config
 from pipelines import publish
 from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, prepare_history
-from pipelines.retrieval import stage_retrieval
 from pipelines.job import (
     JobArgumentParser,
     JobSummary,
@@ -54,6 +53,7 @@ from pipelines.job import (
     start_run,
     utc_instant,
 )
+from pipelines.retrieval import check_caption_source, stage_retrieval
 from pipelines.transforms import (
     ERRORS_TAG,
     FeaturizeConfig,
@@ -194,6 +194,10 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     catalog = earliest_observations(observations)
     rows_in = observations.num_rows
     del observations
+    text_spec = None
+    if "retrieval" in config.modalities:
+        text_spec = specs.get("text") or feature_specs(replace(config, modalities=("text",)))["text"]
+        check_caption_source(args.output, text_spec, "text" in specs)
     if "history" in config.modalities:
         # History depends on other rows' labels, so it is recomputed for every row on each run (and
         # published with replace below); the age curve is fitted here, on the labelled catalog rows.
@@ -215,9 +219,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
     published, errors = _publish(staging, args.output, specs, run_id, args.force)
     if "retrieval" in config.modalities:
         # Needs every video's published caption embedding (this run's included): after the Beam graph.
-        text_featurizer = (specs.get("text") or feature_specs(replace(config, modalities=("text",)))["text"])
-        stage_retrieval(catalog, args.output, staging, text_featurizer.featurizer_id, run_id,
-                        args.history_curve_before)
+        stage_retrieval(catalog, args.output, staging, text_spec.featurizer_id, run_id, args.history_curve_before)
         published.update(publish.publish_features(staging, args.output, ["retrieval"], run_id, replace=True))
         published.pop("_errors", None)
     featured_ids = set().union(*[set(t.column("video_id").to_pylist()) for t in published.values()]) \

@@ -18,15 +18,25 @@ import pyarrow.compute as pc
 
 from featurizers.core import storage
 from featurizers.core.contracts import TARGETS, FeatureSpec
-from featurizers.core.feature_table import modality_path, read_columns
+from featurizers.core.feature_table import featurized_ids, modality_path, read_columns
+from featurizers.history import curve_from_spec_config
 from featurizers.retrieval import label_residuals, neighbour_features, retrieval_spec
 from pipelines import publish
 from pipelines.history_transforms import age_curve_before
 
-__all__ = ["caption_vectors", "retrieval_table", "stage_retrieval"]
+__all__ = ["caption_vectors", "check_caption_source", "retrieval_table", "stage_retrieval"]
 
 log = logging.getLogger(__name__)
 US_PER_DAY = 86_400 * 1_000_000
+
+
+def check_caption_source(features_dir: str, text_spec: FeatureSpec, text_in_this_run: bool) -> None:
+    """Before any work: the retrieval modality needs caption embeddings, from this run or stored ones."""
+    if text_in_this_run:
+        return
+    if not len(featurized_ids(features_dir, {"text": text_spec})["text"]):
+        raise ValueError(f"no caption embeddings by {text_spec.featurizer_id} under {features_dir}/text: the "
+                         "retrieval modality needs the text modality (add text to --modalities, same --text-model)")
 
 
 def caption_vectors(features_dir: str, text_featurizer: str, video_ids: pa.Array) -> np.ndarray:
@@ -56,7 +66,6 @@ def _publish_us(catalog: pa.Table, name: str) -> np.ndarray:
 def retrieval_table(catalog: pa.Table, vectors: np.ndarray, spec: FeatureSpec) -> pa.Table:
     """Retrieval features of every catalog row (one per video: the catalog's earliest observations), in
     spec.schema(). The catalog's own labelled rows are the sources."""
-    from featurizers.history import curve_from_spec_config
     curve = curve_from_spec_config(spec.config)
     publish_us = _publish_us(catalog, "publish_time")
     observed_us = _publish_us(catalog, "observed_at") if "observed_at" in catalog.column_names \
