@@ -19,16 +19,19 @@ from featurizers.text import caption_length
 __all__ = [
     "meta_features", "meta_features_table", "facts_table", "language_bucket", "age_days",
     "META_SPEC", "META_NAME", "META_VERSION", "META_SCALARS", "META_FEATURE_NAMES", "META_INPUT_COLUMNS",
-    "FACT_KEYS", "LANGUAGE_BUCKETS",
+    "FACT_KEYS", "LANGUAGE_BUCKETS", "CATEGORY_BUCKETS", "category_bucket",
 ]
 
-META_NAME, META_VERSION = "meta", "1"
+META_NAME, META_VERSION = "meta", "2"   # 2: category_bucket
 LANGUAGE_BUCKETS = 32  # bucket 0 = language missing or "un"/"und"; codes hash into 1..31
 _UNKNOWN_LANGUAGES = frozenset({"", "un", "und", "unknown", "xx", "zz"})
+# Platform categories hash into 1..2^30 (0 = none): wide enough that two real categories practically never
+# share an id; the model keeps the most frequent ones of its training rows (model.data.MAX_CATEGORY_VOCAB).
+CATEGORY_BUCKETS = 1 << 30
 
 # The only catalog columns this module reads: everything here exists before the video is scored.
 META_INPUT_COLUMNS: tuple[str, ...] = ("video_id", "publish_time", "video_uri", "title", "hashtags",
-                                       "duration_s", "author_followers", "music_id", "language")
+                                       "duration_s", "author_followers", "music_id", "language", "category")
 assert not set(META_INPUT_COLUMNS) & set(LABEL_COLUMNS), "meta features must not read labels"
 
 # Decode facts (from the media decoder) this module reads.
@@ -47,6 +50,7 @@ META_SCALARS: tuple[tuple[str, pa.DataType], ...] = (
     ("hashtag_count", pa.int32()),         # hashtag list length, else '#word' count in the title
     ("has_music", pa.int32()),
     ("language_bucket", pa.int32()),       # 0 unknown, else 1 + crc32(code) % 31 (categorical)
+    ("category_bucket", pa.int32()),       # 0 none, else 1 + crc32(category) % 2^30 (categorical)
     ("has_media", pa.int32()),
     ("facts_known", pa.int32()),           # decode facts were available for this video
     ("log_bytes", pa.float32()),           # log1p(file size); 0 when unknown
@@ -58,7 +62,8 @@ META_SCALARS: tuple[tuple[str, pa.DataType], ...] = (
 META_FEATURE_NAMES: tuple[str, ...] = tuple(name for name, _ in META_SCALARS)
 META_SPEC = FeatureSpec(modality="meta", name=META_NAME, version=META_VERSION, shapes={},
                         scalars=META_SCALARS,
-                        config={"language_buckets": LANGUAGE_BUCKETS, "hash": "crc32",
+                        config={"language_buckets": LANGUAGE_BUCKETS, "category_buckets": CATEGORY_BUCKETS,
+                                "categorical": ["language_bucket", "category_bucket"], "hash": "crc32",
                                 "timezone": "UTC", "inputs": list(META_INPUT_COLUMNS),
                                 "facts": list(FACT_KEYS)})
 
@@ -143,6 +148,15 @@ def _fact_aspect(facts: Mapping[str, Any]) -> float | None:
     return width / height
 
 
+def category_bucket(category: str | None) -> int:
+    """Categorical id of a platform category (e.g. Bilibili's section): the exact string, trimmed; missing or
+    empty -> 0. crc32 keeps it identical across processes and machines."""
+    name = (category or "").strip()
+    if not name:
+        return 0
+    return 1 + zlib.crc32(name.encode("utf-8")) % CATEGORY_BUCKETS
+
+
 def meta_features(row: Mapping[str, Any], facts: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Meta features of one catalog row (a dict with contract columns) and optional decode facts.
 
@@ -179,6 +193,7 @@ def meta_features(row: Mapping[str, Any], facts: Mapping[str, Any] | None = None
         "hashtag_count": hashtag_count,
         "has_music": int(bool(row.get("music_id"))),
         "language_bucket": language_bucket(row.get("language")),
+        "category_bucket": category_bucket(row.get("category")),
         "has_media": int(bool(row.get("video_uri"))),
         "facts_known": int(facts is not None),
         "log_bytes": _f32(math.log1p(size)) if size is not None else 0.0,
@@ -269,6 +284,7 @@ def meta_features_table(catalog: pa.Table,
         "hashtag_count": hashtag_count.astype(np.int32),
         "has_music": _flag(_non_empty(catalog, "music_id")),
         "language_bucket": language_buckets,
+        "category_bucket": _category_buckets(catalog),
         "has_media": _flag(_non_empty(catalog, "video_uri")),
         "facts_known": _flag(facts_known),
         "log_bytes": _log1p_or_zero(fact_values["bytes"]),
@@ -322,6 +338,14 @@ def _language_buckets(catalog: pa.Table) -> np.ndarray:
     codes = np.where(pc.is_null(languages.indices).to_numpy(zero_copy_only=False), -1,
                      np.nan_to_num(codes.astype(np.float64), nan=-1)).astype(np.int64)
     return bucket_of_code[codes]  # -1 picks the trailing 0 (null language)
+
+
+def _category_buckets(catalog: pa.Table) -> np.ndarray:
+    """category_bucket per row, int32 (few distinct categories: hash the dictionary, then gather)."""
+    categories = _column(catalog, "category", pa.string()).cast(pa.string()).combine_chunks().dictionary_encode()
+    bucket_of = np.array([category_bucket(c) for c in categories.dictionary.to_pylist()] + [0], dtype=np.int32)
+    codes = pc.fill_null(categories.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return bucket_of[codes]   # -1 picks the trailing 0 (null category)
 
 
 def _in_meta_schema(columns: Mapping[str, Any]) -> pa.Table:

@@ -132,9 +132,10 @@ class TreeBlend:
 
 def fit_tree_blend(train_x: np.ndarray, train_y: np.ndarray, train_nowcast: np.ndarray,
                    val_x: np.ndarray, val_y: np.ndarray, val_nowcast: np.ndarray, val_network: np.ndarray,
-                   seed: int) -> tuple[TreeBlend | None, dict]:
+                   seed: int, categorical: tuple[int, ...] | list[int] = ()) -> tuple[TreeBlend | None, dict]:
     """Fit the trees of each group on the training rows (early-stopped on the validation rows) and pick the
-    network's weight per target on the validation rows against val_network (N_val, T) medians.
+    network's weight per target on the validation rows against val_network (N_val, T) medians. `categorical`:
+    the matrix columns LightGBM splits as categories (tabular_matrix's categorical columns).
 
     Returns (the blend, or None when lightgbm is missing or no group has trees; a report of the validation
     MAE of the network, the trees and the blend per group and target)."""
@@ -161,7 +162,8 @@ def fit_tree_blend(train_x: np.ndarray, train_y: np.ndarray, train_nowcast: np.n
             with warnings.catch_warnings():   # lightgbm 4.7 renames eval_set; older 4.x lack the new names
                 warnings.simplefilter("ignore")
                 model.fit(gx[tr], ty[tr], eval_set=[(vx[va], vy[va] - v_offset[va])],
-                          callbacks=[lgb.early_stopping(100, verbose=False)])
+                          callbacks=[lgb.early_stopping(100, verbose=False)],
+                          **({"categorical_feature": list(categorical)} if len(categorical) else {}))
             trees = model.predict(vx[va]) + v_offset[va]
             network = val_network[val_rows, j][va]
             maes = [float(np.mean(np.abs(w * network + (1 - w) * trees - vy[va]))) for w in WEIGHT_GRID]

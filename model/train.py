@@ -543,9 +543,13 @@ def _fit_blend(data: _TrainingData, validation: _ValidationSample, seed: int, co
     weight per target picked on the validation sample against the early-stopping networks' medians. Records
     the weights and the validation MAEs in config["blend"]; None when lightgbm is missing or no group has trees."""
     train_rows = _sample_rows(data.split.train, BASELINE_MAX_TRAIN_ROWS, seed + 7)
-    train_x, train_nowcast = blend_matrix(data.tabular(train_rows), data.layouts, *_label_units(data))
+    train_batch = data.tabular(train_rows)
+    train_x, train_nowcast = blend_matrix(train_batch, data.layouts, *_label_units(data))
+    # The categorical columns (language, platform category, ...) split as categories, not as ordered ids.
+    categorical = baselines.tabular_matrix(train_batch.index(torch.arange(1)), data.layouts)[2]
     blend, report = fit_tree_blend(train_x, data.arrays["log_labels"][train_rows], train_nowcast, validation.matrix,
-                                   validation.labels, validation.nowcast, validation.quantiles[..., 1], seed)
+                                   validation.labels, validation.nowcast, validation.quantiles[..., 1], seed,
+                                   categorical)
     if blend is not None:
         config["blend"] = {"weights": blend.weights(), "validation": report,
                            "train_rows": int(len(train_rows)), "validation_rows": int(len(validation.labels))}

@@ -60,8 +60,10 @@ def publish_features(staging: str, output: str, modalities: list[str], run_id: s
                      replace: bool = False) -> dict[str, pa.Table]:
     """Move a finished run's staged files into OUTPUT/<modality>/ and OUTPUT/_errors/.
 
-    Without `replace`, staged rows whose video_id got published meanwhile (by a concurrent run) are
-    dropped; with `replace` (--force), published rows for the staged ids are removed first. Returns,
+    Without `replace`, staged rows whose video_id got published meanwhile (by a concurrent run) by the same
+    featurizer version are dropped, while published rows of another version (an upgraded featurizer's run)
+    are superseded by the staged ones; with `replace` (--force), published rows for the staged ids are
+    removed first. Returns,
     per modality, the published rows' video_ids (and the dead letters under "_errors").
     """
     fs, _ = storage.filesystem_and_path(output)
@@ -86,7 +88,8 @@ def publish_features(staging: str, output: str, modalities: list[str], run_id: s
                 if replace:
                     _drop_ids(fs, existing_files, staged_ids)
                 else:
-                    clash = pc.is_in(staged_ids, existing.to_table(columns=["video_id"]).column("video_id"))
+                    current_ids = _superseded_dropped(fs, existing, existing_files, staged, staged_ids)
+                    clash = pc.is_in(staged_ids, current_ids)
                     if pc.any(clash).as_py():
                         logging.warning("%s: %d staged rows were published meanwhile; keeping the published ones",
                                         modality, pc.sum(clash).as_py())
@@ -107,6 +110,21 @@ def publish_features(staging: str, output: str, modalities: list[str], run_id: s
             for source in staged_files:
                 fs.delete_file(source)
     return published
+
+
+def _superseded_dropped(fs: pafs.FileSystem, existing: ds.Dataset, existing_files: list[str],
+                        staged: ds.Dataset, staged_ids: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Drop the published rows of the staged ids that another featurizer version wrote (the run recomputed
+    them because their version is out of date) and return the ids published by the staged version(s)."""
+    if "featurizer" not in existing.schema.names or "featurizer" not in staged.schema.names:
+        return existing.to_table(columns=["video_id"]).column("video_id")
+    published = existing.to_table(columns=["video_id", "featurizer"])
+    versions = pc.unique(staged.to_table(columns=["featurizer"]).column("featurizer").combine_chunks())
+    same_version = pc.is_in(published.column("featurizer"), versions)
+    superseded = published.filter(pc.invert(same_version)).column("video_id")
+    if len(superseded):
+        _drop_ids(fs, existing_files, pc.filter(staged_ids, pc.is_in(staged_ids, superseded)))
+    return published.filter(same_version).column("video_id")
 
 
 def _drop_ids(fs: pafs.FileSystem, files: list[str], ids: pa.ChunkedArray | pa.Array) -> None:

@@ -20,6 +20,7 @@ from featurizers.meta import (
     META_INPUT_COLUMNS,
     META_SPEC,
     age_days,
+    category_bucket,
     language_bucket,
     meta_features,
     meta_features_table,
@@ -36,7 +37,7 @@ def catalog_row(**overrides) -> dict:
         "video_id": "v1", "publish_time": datetime(2024, 3, 4, 23, 30, tzinfo=UTC),  # a Monday
         "video_uri": "gs://bucket/v1.mp4", "title": "Đà Nẵng đẹp quá #dulich #travel",
         "hashtags": ["dulich", "travel"], "duration_s": 15.0, "author_id": "a1",
-        "author_followers": 999, "music_id": "m1", "language": "vi",
+        "author_followers": 999, "music_id": "m1", "language": "vi", "category": "旅游",
         "observed_at": datetime(2024, 3, 10, tzinfo=UTC), "views": 12345, "likes": 67,
         "comments": 8, "shares": 9,
     }
@@ -50,14 +51,15 @@ def edge_case_rows() -> list[dict]:
     return [
         catalog_row(),
         catalog_row(video_id="v2", video_uri=None, title=None, hashtags=None, duration_s=None,
-                    author_followers=None, music_id=None, language=None),
+                    author_followers=None, music_id=None, language=None, category=None),
         catalog_row(video_id="v3", title=nfd_title + " #phở #hànội", hashtags=None, language="VI-vn",
                     duration_s=0.0, author_followers=0, music_id="", video_uri=""),
         catalog_row(video_id="v4", hashtags=[], language="un", duration_s=float("nan"),
                     publish_time=datetime(2023, 12, 31, 0, 0, 1, tzinfo=UTC)),  # a Sunday
         catalog_row(video_id="v5", language="en", author_followers=12_000_000, duration_s=59.5,
                     title="no tags here", hashtags=["a", "b", "c"]),
-        catalog_row(video_id="v6", language="", duration_s=None),
+        catalog_row(video_id="v6", language="", duration_s=None, category=""),
+        catalog_row(video_id="v7", category=" 旅游 "),
     ]
 
 
@@ -95,6 +97,7 @@ def test_hand_computed_values_of_a_full_row() -> None:
     assert features["hashtag_count"] == 2
     assert (features["has_music"], features["has_media"], features["facts_known"]) == (1, 1, 1)
     assert features["language_bucket"] == 1 + zlib.crc32(b"vi") % 31
+    assert features["category_bucket"] == 1 + zlib.crc32("旅游".encode()) % (1 << 30)
     assert features["log_bytes"] == pytest.approx(math.log(2_000_001.0), rel=1e-6)
     assert features["fps"] == 30.0
     assert features["aspect"] == pytest.approx(1080 / 1920, rel=1e-6)  # rotated by 90 degrees
@@ -141,6 +144,13 @@ def test_language_bucket_normalises_codes(code: str, same_as: str) -> None:
     assert language_bucket(code) == language_bucket(same_as)
 
 
+def test_category_bucket_keeps_categories_apart_and_missing_at_zero() -> None:
+    assert [category_bucket(c) for c in (None, "", "  ")] == [0, 0, 0]
+    assert category_bucket(" 搞笑 ") == category_bucket("搞笑") != category_bucket("日常") > 0
+    # The model treats it as a categorical (its vocabulary is the training rows' most frequent ids).
+    assert "category_bucket" in META_SPEC.config["categorical"]
+
+
 def test_language_bucket_pinned_values() -> None:
     # Pinned: these ids are model inputs; changing them silently would invalidate trained models.
     assert [language_bucket(c) for c in ("vi", "en", "ja", "id")] == [28, 4, 9, 14]
@@ -173,7 +183,7 @@ def test_vectorised_equals_per_row_on_edge_cases() -> None:
     table = meta_features_table(rows_to_table(rows), FACTS)
     assert table.schema.equals(META_SPEC.schema(), check_metadata=True)
     assert_table_equals_rows(table, rows, FACTS)
-    assert table.column("facts_known").to_pylist() == [1, 1, 0, 1, 0, 1]
+    assert table.column("facts_known").to_pylist() == [1, 1, 0, 1, 0, 1, 0]
     assert_table_equals_rows(meta_features_table(rows_to_table(rows)), rows, None)
 
 
@@ -184,7 +194,7 @@ def test_table_round_trips_through_the_feature_store(tmp_path: Path) -> None:
     (tmp_path / "meta").mkdir()
     pq.write_table(table, tmp_path / "meta" / "part-0.parquet")
     stored = read_feature_table(str(tmp_path), "meta")
-    assert stored.featurizer == "meta@1" and stored.vectors == {}
+    assert stored.featurizer == "meta@2" and stored.vectors == {}
     assert set(stored.scalars) == set(META_FEATURE_NAMES)
     np.testing.assert_array_equal(stored.scalars["publish_hour"], table.column("publish_hour").to_numpy())
 

@@ -46,8 +46,8 @@ def file_names(uri: str) -> list[str]:
     return sorted(path.rsplit("/", 1)[1] for path in parquet_files(uri))
 
 
-def feature_rows(ids: list[str], run: str) -> pa.Table:
-    return pa.table({"video_id": ids, "featurizer": ["text_test@1"] * len(ids), "written_by": [run] * len(ids)},
+def feature_rows(ids: list[str], run: str, featurizer: str = "text_test@1") -> pa.Table:
+    return pa.table({"video_id": ids, "featurizer": [featurizer] * len(ids), "written_by": [run] * len(ids)},
                     schema=FEATURE_SCHEMA)
 
 
@@ -81,6 +81,20 @@ def test_publish_features_keeps_rows_published_meanwhile(concurrent_runs):
     assert file_names(storage.join(output, "text")) == ["run-a-00000.parquet", "run-b-00000.parquet"]
     assert read_dir(storage.join(output, "_errors")).column("video_id").to_pylist() == ["v4"]
     assert parquet_files(storage.join(staging, "text")) == []  # moved, not copied
+
+
+def test_publish_features_supersedes_rows_of_another_featurizer_version(root):
+    """An upgraded featurizer's run recomputes rows of the old version: its rows replace them (without
+    --force), while rows it did not touch stay as they were."""
+    output, staging = storage.join(root, "features"), storage.join(root, "_staging", "run-b")
+    write_table(feature_rows(["v1", "v2", "v3"], "run-a", "text_test@1"), storage.join(output, "text", "run-a-00000.parquet"))
+    write_table(feature_rows(["v2", "v3"], "run-b", "text_test@2"), storage.join(staging, "text", "part-00000.parquet"))
+    published = publish_features(staging, output, ["text"], "run-b")
+    assert sorted(published["text"].column("video_id").to_pylist()) == ["v2", "v3"]
+    table = read_dir(storage.join(output, "text"))
+    assert rows_by_id(table) == {"v1": "run-a", "v2": "run-b", "v3": "run-b"}
+    assert dict(zip(table.column("video_id").to_pylist(), table.column("featurizer").to_pylist())) == {
+        "v1": "text_test@1", "v2": "text_test@2", "v3": "text_test@2"}
 
 
 def test_publish_features_with_replace_removes_published_rows_first(concurrent_runs):
