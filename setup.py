@@ -9,6 +9,9 @@ INSTALL_REQUIRES = [
     "torch==2.9.1",
     "torchaudio==2.9.1",
     "apache-beam[gcp]==2.70.0",   # = the Spark/Flink job servers' Beam Java version (runners/clusters/local.py)
+    # Without it, importing Beam logs "crcmod package not found" on every command (google-crc32c covers
+    # its use, but Beam checks for crcmod at import).
+    "crcmod>=1.7,<2",
     "decord==0.6.0",
     "transformers>=5,<6",
     "safetensors>=0.4",

@@ -44,8 +44,10 @@ META_SCALARS: tuple[tuple[str, pa.DataType], ...] = (
     ("log_duration", pa.float32()),        # log1p(seconds): catalog duration_s, else decoded
     ("duration_known", pa.int32()),
     ("duration_from_decode", pa.int32()),  # 1 when the catalog had no usable duration
-    ("publish_hour", pa.int32()),          # 0..23 UTC (categorical)
-    ("publish_weekday", pa.int32()),       # 0 = Monday .. 6 = Sunday, UTC (categorical)
+    # Hour and weekday stay numbers for the model: as embedded categories popcast's bilibili nowcasts did not
+    # move, cold start was no better, and only the tree peers got worse (README "Nowcasting").
+    ("publish_hour", pa.int32()),          # 0..23 UTC
+    ("publish_weekday", pa.int32()),       # 0 = Monday .. 6 = Sunday, UTC
     ("caption_chars", pa.int32()),         # title characters, combining marks not counted
     ("hashtag_count", pa.int32()),         # hashtag list length, else '#word' count in the title
     ("has_music", pa.int32()),

@@ -9,6 +9,7 @@ import difflib
 import json
 import os
 import sys
+import warnings
 
 __all__ = ["COMMANDS", "main"]
 
@@ -19,6 +20,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 os.environ.setdefault("NO_GCE_CHECK", "true")
 # Progress goes to popcast's log lines; model loaders' progress bars would interleave with them.
 os.environ.setdefault("TQDM_DISABLE", "1")
+# google-api-core and google-auth warn at import that grpcio < 1.83 lacks post-quantum TLS. Beam 2.70 pins
+# grpcio < 1.66 on Python 3.11, so a user can do nothing about it; it would open every command's output.
+warnings.filterwarnings("ignore", message=r".*Post-Quantum Cryptography", category=FutureWarning)
 
 
 def _validate(argv: list[str]) -> int:

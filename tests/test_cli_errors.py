@@ -78,6 +78,16 @@ def test_help_says_beam_options_pass_through_and_shows_defaults(capsys):
     assert "Beam pipeline options" in out and "(default: 16)" in out
 
 
+@pytest.mark.parametrize("command", ["featurize", "score"])
+def test_a_fresh_command_writes_nothing_to_stderr_before_its_own_output(command):
+    # Importing Beam's GCP stack made every command open with grpcio FutureWarnings and a root-logger
+    # "crcmod package not found" line, none of which a user can act on.
+    done = subprocess.run([sys.executable, "-m", "runners.cli", command, "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: popcast" in done.stdout
+    assert done.stderr == ""
+
+
 def test_bad_input_data_is_exit_1_without_traceback(files):
     not_a_catalog = files["root"] / "notes.csv"
     not_a_catalog.write_text("hello,world\n1,2\n")
