@@ -40,8 +40,8 @@ SECONDS_PER_DAY = 86_400.0
 # The latest share of the training rows that early stopping watches (TrainingConfig's default too).
 DEFAULT_VALIDATION_FRACTION = 0.15
 # Scalar columns treated as categoricals (embedded) rather than as numbers. A featurizer can also list
-# its own in its FeatureSpec config under "categorical" (meta lists language_bucket and category_bucket; its
-# publish_hour and publish_weekday stay numeric on purpose, see featurizers/meta.py).
+# its own in its FeatureSpec config under "categorical" (meta's publish_hour and publish_weekday are left
+# numeric on purpose: featurizers/meta.py says why).
 KNOWN_CATEGORICAL_SCALARS = frozenset({"hour", "weekday", "month", "language_bucket", "language"})
 MAX_CATEGORY_VOCAB = 64
 # Normalised numerics are clipped: a handful of extreme rows must not dominate a small network.
