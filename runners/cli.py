@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gc
 import json
 import os
 import sys
@@ -133,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"popcast {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # An error leaves Arrow readers in reference cycles (exception -> traceback -> frames); freed only at
+        # interpreter teardown, after Arrow's thread pools, they abort the process ("terminate called without
+        # an active exception", exit 134) after the error line (apache/arrow#34314). Free them while Arrow lives.
+        gc.collect()
 
 
 if __name__ == "__main__":
