@@ -24,6 +24,7 @@ from featurizers.core.feature_table import feature_table_to_arrow
 __all__ = ["BOW_DIM", "normalize_text", "normalize_hashtag", "caption_text", "caption_length", "tokenize",
            "feature_hash", "hashtag_hashes", "hashed_bag_of_words", "TextEmbedder", "packaged_minilm_dir",
            "resolve_model_source", "SentenceEmbedder", "MultilingualE5Embedder", "EMBEDDERS", "make_text_embedder",
+           "AUTO_TEXT_MODEL", "TEXT_MODEL_OF_FEATURIZER",
            "text_spec", "text_features", "text_feature_table", "spec"]
 
 BOW_DIM = 512
@@ -262,6 +263,11 @@ def make_text_embedder(name: str = "minilm", **kwargs) -> TextEmbedder:
     if name == "e5-multilingual":
         return MultilingualE5Embedder(**kwargs)
     raise ValueError(f"unknown text embedder {name!r}; choose one of {EMBEDDERS}")
+
+
+AUTO_TEXT_MODEL = "auto"   # the encoder of the text features already stored, else "minilm" (pipelines.featurize)
+# Stored text featurizer name -> the packaged embedder that wrote it (other models: their own source).
+TEXT_MODEL_OF_FEATURIZER = {"text_minilm": "minilm", "text_e5_multilingual": "e5-multilingual"}
 
 
 # ---------------------------------------------------------------------------------------------

