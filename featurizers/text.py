@@ -29,6 +29,7 @@ __all__ = ["BOW_DIM", "normalize_text", "normalize_hashtag", "caption_text", "ca
 
 BOW_DIM = 512
 TEXT_VERSION = "1"
+PAD_MULTIPLE = 16   # tokens: a text's padded length depends on the text alone (SentenceEmbedder.embed)
 HASHTAG_PREFIX = "#"  # hashtags share the word hashing space under this prefix: "#travel" != "travel"
 
 _TOKEN_PATTERN = re.compile(r"(?P<tag>#\w+)|(?P<word>\w+)|(?P<other>[^\w\s])")
@@ -166,8 +167,8 @@ def resolve_model_source(model_source: str | os.PathLike | None, cache_dir: str 
 
 class SentenceEmbedder:
     """Mean-pooled, L2-normalised sentence embeddings from a Hugging Face encoder (default: the
-    packaged all-MiniLM-L6-v2, 384-d). Texts are sorted by length before batching so that padding
-    stays small; output rows follow the input order."""
+    packaged all-MiniLM-L6-v2, 384-d). Texts are batched with texts of the same padded length, so that
+    padding stays small and no text's embedding depends on its batch; output rows follow the input order."""
 
     def __init__(self, model_source: str | os.PathLike | None = None, device: str = "cpu",
                  max_length: int = 128, batch_size: int = 64, cache_dir: str | Path | None = None,
@@ -196,25 +197,36 @@ class SentenceEmbedder:
                 "pooling": "mean", "normalize": "l2", "max_length": self.max_length}
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 [N, dim] unit-norm embeddings; texts longer than max_length are truncated."""
+        """float32 [N, dim] unit-norm embeddings; texts longer than max_length are truncated.
+
+        A text's embedding does not depend on the other texts of the call: each is padded to its own token
+        count rounded up to PAD_MULTIPLE, and batched only with texts of that padded length. Padding to the
+        longest text of a batch changed the last bits with the batch a caption landed in (Beam's bundles),
+        so featurizing a catalog twice gave different features and models (README, "Nowcasting")."""
         import torch
 
         texts = ["" if t is None else str(t) for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        if not texts:
+            return out
+        token_counts = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)
+                        ["input_ids"]]
+        padded = np.minimum(-(-np.asarray(token_counts) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
         with self._lock, torch.inference_mode(), autocast:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start: start + self.batch_size]
-                encoded = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                         max_length=self.max_length, return_tensors="pt")
-                encoded = {k: v.to(self.device) for k, v in encoded.items()}
-                hidden = self.model(**encoded).last_hidden_state.float()
-                mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[batch] = pooled.cpu().numpy()
+            for length in np.unique(padded):
+                rows = np.flatnonzero(padded == length)
+                for start in range(0, len(rows), self.batch_size):
+                    batch = rows[start: start + self.batch_size]
+                    encoded = self.tokenizer([texts[i] for i in batch], padding="max_length", truncation=True,
+                                             max_length=int(length), return_tensors="pt")
+                    encoded = {k: v.to(self.device) for k, v in encoded.items()}
+                    hidden = self.model(**encoded).last_hidden_state.float()
+                    mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                    out[batch] = pooled.cpu().numpy()
         return out
 
 
