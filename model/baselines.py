@@ -86,8 +86,10 @@ def tabular_matrix(batch: Batch, layouts: dict[str, ModalityLayout]) -> tuple[np
 
 def lightgbm_predictions(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                          test_x: np.ndarray, categorical: list[int], seed: int,
-                         objective: str = "regression") -> np.ndarray | None:
-    """One LightGBM per target (early-stopped on the validation rows); None when lightgbm is missing."""
+                         objective: str = "regression", train_weights: np.ndarray | None = None,
+                         val_weights: np.ndarray | None = None) -> np.ndarray | None:
+    """One LightGBM per target (early-stopped on the validation rows); None when lightgbm is missing.
+    train_weights / val_weights: a weight per row for the fit and the early stopping (None: all 1)."""
     try:
         import lightgbm as lgb
     except ImportError:
@@ -102,9 +104,13 @@ def lightgbm_predictions(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nda
             continue
         model = lgb.LGBMRegressor(**params)
         fit_kwargs = {"categorical_feature": categorical} if categorical else {}
+        if train_weights is not None:
+            fit_kwargs["sample_weight"] = train_weights[tr]
         if va.sum() >= 5:
             fit_kwargs.update(eval_set=[(val_x[va], val_y[va, j])],
                               callbacks=[lgb.early_stopping(100, verbose=False)])
+            if val_weights is not None:
+                fit_kwargs["eval_sample_weight"] = [val_weights[va]]
         with warnings.catch_warnings():   # lightgbm 4.7 renames eval_set; older 4.x lack the new names
             warnings.simplefilter("ignore")
             model.fit(train_x[tr], train_y[tr, j], **fit_kwargs)

@@ -132,10 +132,14 @@ class TreeBlend:
 
 def fit_tree_blend(train_x: np.ndarray, train_y: np.ndarray, train_nowcast: np.ndarray,
                    val_x: np.ndarray, val_y: np.ndarray, val_nowcast: np.ndarray, val_network: np.ndarray,
-                   seed: int, categorical: tuple[int, ...] | list[int] = ()) -> tuple[TreeBlend | None, dict]:
+                   seed: int, categorical: tuple[int, ...] | list[int] = (),
+                   train_weights: np.ndarray | None = None, val_weights: np.ndarray | None = None
+                   ) -> tuple[TreeBlend | None, dict]:
     """Fit the trees of each group on the training rows (early-stopped on the validation rows) and pick the
     network's weight per target on the validation rows against val_network (N_val, T) medians. `categorical`:
-    the matrix columns LightGBM splits as categories (tabular_matrix's categorical columns).
+    the matrix columns LightGBM splits as categories (tabular_matrix's categorical columns). train_weights /
+    val_weights: a weight per row for the trees' fit, their early stopping and the weighted validation MAE the
+    network's weight is picked by (model.samples.video_balanced_weights; None: every row counts once).
 
     Returns (the blend, or None when lightgbm is missing or no group has trees; a report of the validation
     MAE of the network, the trees and the blend per group and target)."""
@@ -148,6 +152,8 @@ def fit_tree_blend(train_x: np.ndarray, train_y: np.ndarray, train_nowcast: np.n
         if train_rows.sum() < MIN_GROUP_ROWS or val_rows.sum() < 5:
             continue
         gx, vx = group_columns(train_x[train_rows], group), group_columns(val_x[val_rows], group)
+        gw = None if train_weights is None else np.asarray(train_weights, dtype=np.float64)[train_rows]
+        vw = None if val_weights is None else np.asarray(val_weights, dtype=np.float64)[val_rows]
         predicts = GROUP_PREDICTS[group]
         targets, group_report = {}, {}
         for j, target in enumerate(TARGETS):
@@ -161,12 +167,15 @@ def fit_tree_blend(train_x: np.ndarray, train_y: np.ndarray, train_nowcast: np.n
             model = lgb.LGBMRegressor(**GROUP_TREE_PARAMS[group], random_state=seed)
             with warnings.catch_warnings():   # lightgbm 4.7 renames eval_set; older 4.x lack the new names
                 warnings.simplefilter("ignore")
-                model.fit(gx[tr], ty[tr], eval_set=[(vx[va], vy[va] - v_offset[va])],
+                model.fit(gx[tr], ty[tr], sample_weight=None if gw is None else gw[tr],
+                          eval_set=[(vx[va], vy[va] - v_offset[va])],
+                          eval_sample_weight=None if vw is None else [vw[va]],
                           callbacks=[lgb.early_stopping(100, verbose=False)],
                           **({"categorical_feature": list(categorical)} if len(categorical) else {}))
             trees = model.predict(vx[va]) + v_offset[va]
             network = val_network[val_rows, j][va]
-            maes = [float(np.mean(np.abs(w * network + (1 - w) * trees - vy[va]))) for w in WEIGHT_GRID]
+            maes = [float(np.average(np.abs(w * network + (1 - w) * trees - vy[va]),
+                                     weights=None if vw is None else vw[va])) for w in WEIGHT_GRID]
             best = int(np.argmin(maes))
             # At weight 1.0 the trees are never read: they are not stored.
             targets[target] = {"weight": float(WEIGHT_GRID[best]), "predicts": predicts,

@@ -242,15 +242,20 @@ class PopularityNet(nn.Module):
         return Observed(zeros, torch.zeros((n, t), dtype=torch.bool, device=zeros.device), batch.log_age.new_zeros(n))
 
 
-def pinball_loss(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def pinball_loss(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean pinball loss over known labels only: a null label is skipped, never treated as zero.
 
-    pred: (B, T, Q) quantiles; labels/mask: (B, T). Returns a scalar (0 if no label is known).
+    pred: (B, T, Q) quantiles; labels/mask: (B, T); row_weights (B,): a weighted mean instead (None: all 1).
+    Returns a scalar (0 if no label is known).
     """
     q = torch.tensor(QUANTILES, dtype=pred.dtype, device=pred.device)
     diff = labels.unsqueeze(-1).to(pred.dtype) - pred
     loss = torch.maximum(q * diff, (q - 1) * diff)
-    weight = mask.unsqueeze(-1).to(pred.dtype)
+    known = mask.unsqueeze(-1).to(torch.bool)
+    weight = known.to(pred.dtype)
+    if row_weights is not None:
+        weight = weight * row_weights.to(pred.dtype)[:, None, None]
     # where() so that whatever sits in an unknown label slot cannot reach the gradient.
-    loss = torch.where(weight > 0, loss, torch.zeros_like(loss))
+    loss = torch.where(known, loss * weight, torch.zeros_like(loss))
     return loss.sum() / (weight.sum() * len(QUANTILES)).clamp_min(1.0)

@@ -18,7 +18,7 @@ from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
 from model.data import DEFAULT_VALIDATION_FRACTION, SECONDS_PER_DAY, Split, time_split
 
 __all__ = ["MAX_INPUTS_PER_TARGET", "NOWCAST_MIN_GAP_DAYS", "INPUT_FIELDS", "Samples", "observation_samples",
-           "split_samples", "input_arrays"]
+           "split_samples", "input_arrays", "video_balanced_weights"]
 
 # A target observation learns from at most this many earlier ones: the video's first and the most recent
 # others. A video seen daily for a year would otherwise give 66k pairs.
@@ -129,6 +129,26 @@ def observation_samples(arrays: dict[str, np.ndarray]) -> Samples:
         out[key] = np.concatenate([cold[key], pair_inputs[key]])
     is_cold = np.concatenate([np.ones(n, dtype=bool), np.zeros(len(target), dtype=bool)])
     return Samples(out, is_cold, np.concatenate([np.zeros(n, dtype=bool), first_to_last]))
+
+
+def video_balanced_weights(samples: Samples, rows: np.ndarray) -> np.ndarray | None:
+    """(len(rows),) training weights: 1 for cold samples; a pair sample 1 / (its video's pairs among `rows`),
+    scaled so the pairs' weights still sum to their number. None when `rows` hold no pairs (all weights 1).
+
+    Why: a video seen 9 times gives up to 36 pairs, one seen twice gives 1, yet each video is predicted once
+    (a night's scoring, the nowcast evaluation). Unweighted, the long-lived videos that stay on a list for
+    days dominate what growth is learned; on bilibili-popular-2023 weighting each video once cut the nowcast
+    trees' views MAE from 0.174 to 0.162 (README "Nowcasting"). Cold samples are scored per catalog row,
+    so they keep weight 1."""
+    pairs = ~samples.cold[rows]
+    if not pairs.any():
+        return None
+    videos = samples.arrays["video_id"][rows[pairs]].astype(str)
+    _, inverse, counts = np.unique(videos, return_inverse=True, return_counts=True)
+    per_pair = 1.0 / counts[inverse]
+    weights = np.ones(len(rows))
+    weights[pairs] = per_pair * (len(per_pair) / per_pair.sum())
+    return weights
 
 
 def split_samples(samples: Samples, quantile: float,

@@ -60,7 +60,8 @@ from model.data import (
 from model.blend import blend_matrix, fit_tree_blend
 from model.calibration import interval_offsets
 from model.metrics import all_target_metrics, mean_mae
-from model.samples import NOWCAST_MIN_GAP_DAYS, Samples, observation_samples, split_samples
+from model.samples import (NOWCAST_MIN_GAP_DAYS, Samples, observation_samples, split_samples,
+                           video_balanced_weights)
 from model.network import QUANTILES, NetworkConfig, PopularityNet, pinball_loss
 
 __all__ = ["TrainingConfig", "train"]
@@ -81,6 +82,7 @@ class TrainingConfig:
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
     blend_trees: bool = True          # mix LightGBM into the median, weights picked on validation (model.blend)
+    balance_videos: bool = True       # each video's (earlier → later) pairs weigh 1 in all (video_balanced_weights)
 
 
 @contextmanager
@@ -109,14 +111,16 @@ def _lr_factor(epoch: int, step: int, steps: int, total_epochs: int, warmup: int
 
 
 def _evaluate_loss(net: PopularityNet, batch: Batch | StoredInputs, device: str, bs: int = 4096,
-                   groups: np.ndarray | None = None) -> tuple[float, float]:
+                   groups: np.ndarray | None = None, weights: np.ndarray | None = None) -> tuple[float, float]:
     """(pinball loss, MAE of the median) on normalised labels over known labels.
 
     groups (an int per row, e.g. cold start 0 / nowcast pair 1): the MAE is the mean of each group's MAE, so a
-    small group with small errors (nowcasts) steers early stopping as much as a large noisy one."""
+    small group with small errors (nowcasts) steers early stopping as much as a large noisy one. weights (a
+    float per row, model.samples.video_balanced_weights): weighted means, as training weighs the rows."""
     net.eval()
     total_loss = count = 0.0
     groups = np.zeros(len(batch), dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    weights = np.ones(len(batch)) if weights is None else np.asarray(weights, dtype=np.float64)
     abs_sums = np.zeros(int(groups.max(initial=0)) + 1)
     abs_counts = np.zeros_like(abs_sums)
     with torch.inference_mode(), autocast(device):
@@ -124,11 +128,14 @@ def _evaluate_loss(net: PopularityNet, batch: Batch | StoredInputs, device: str,
             rows = torch.arange(start, min(start + bs, len(batch)))
             part = batch.index(rows).to(device)
             pred = net(part).float()
-            known = part.label_mask.sum().item()
-            total_loss += pinball_loss(pred, part.labels, part.label_mask).item() * known
+            row_weights = weights[start:start + len(rows)]
+            row_known = part.label_mask.sum(dim=1).double().cpu().numpy() * row_weights
+            known = float(row_known.sum())
+            total_loss += pinball_loss(pred, part.labels, part.label_mask,
+                                       torch.from_numpy(row_weights).to(device)).item() * known
             err = (pred[..., 1] - part.labels).abs()
-            row_abs = torch.where(part.label_mask, err, torch.zeros_like(err)).sum(dim=1).double().cpu().numpy()
-            row_known = part.label_mask.sum(dim=1).double().cpu().numpy()
+            row_abs = (torch.where(part.label_mask, err, torch.zeros_like(err)).sum(dim=1).double().cpu().numpy()
+                       * row_weights)
             np.add.at(abs_sums, groups[start:start + len(rows)], row_abs)
             np.add.at(abs_counts, groups[start:start + len(rows)], row_known)
             count += known
@@ -142,12 +149,14 @@ def _evaluate_loss(net: PopularityNet, batch: Batch | StoredInputs, device: str,
 
 def fit_network(net: PopularityNet, train_batch: Batch | StoredInputs, val_batch: Batch | StoredInputs | None,
                 cfg: TrainingConfig, seed: int, device: str, fixed_epochs: int | None = None, tag: str = "",
-                val_groups: np.ndarray | None = None) -> tuple[PopularityNet, list[dict]]:
+                val_groups: np.ndarray | None = None, train_weights: np.ndarray | None = None,
+                val_weights: np.ndarray | None = None) -> tuple[PopularityNet, list[dict]]:
     """AdamW + warm-up/cosine schedule; early stopping on validation MAE (restores the best epoch).
 
     The batches are anything with len() and index(rows) → Batch: an in-memory Batch or disk-backed
     StoredInputs (the same minibatches, value for value). With fixed_epochs, trains exactly that many
-    epochs without validation (the refit on all training rows).
+    epochs without validation (the refit on all training rows). train_weights / val_weights: a weight per
+    row of each batch for the loss and the early-stopping MAE (None: every row counts once).
     """
     net.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -170,7 +179,8 @@ def fit_network(net: PopularityNet, train_batch: Batch | StoredInputs, val_batch
                 group["lr"] = cfg.learning_rate * _lr_factor(epoch, step, steps, epochs, cfg.warmup_epochs)
             with autocast(device):
                 pred = net(part)
-            loss = pinball_loss(pred.float(), part.labels, part.label_mask)
+            row_weights = None if train_weights is None else torch.from_numpy(train_weights[rows.numpy()]).to(device)
+            loss = pinball_loss(pred.float(), part.labels, part.label_mask, row_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -178,7 +188,8 @@ def fit_network(net: PopularityNet, train_batch: Batch | StoredInputs, val_batch
             running += loss.item()
         record = {"epoch": epoch + 1, "train_loss": running / steps}
         if val_batch is not None and fixed_epochs is None:
-            record["val_loss"], record["val_mae"] = _evaluate_loss(net, val_batch, device, groups=val_groups)
+            record["val_loss"], record["val_mae"] = _evaluate_loss(net, val_batch, device, groups=val_groups,
+                                                                   weights=val_weights)
             if record["val_mae"] < best - 1e-5:
                 best, bad = record["val_mae"], 0
                 best_state = copy.deepcopy(net.state_dict())
@@ -244,8 +255,8 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
         networks, histories, validation_q = ensemble.fit(seed, threads)
         config["model_version"] = model_version(config)
         config["history"] = histories
-        validation = _ValidationSample.draw(data, validation_q, seed)
-        blend = _fit_blend(data, validation, seed, config) if training.blend_trees else None
+        validation = _ValidationSample.draw(data, validation_q, seed, training)
+        blend = _fit_blend(data, validation, seed, config, training) if training.blend_trees else None
         config["calibration"] = validation.calibration(blend)
         model = LoadedModel(config=config, networks=networks, layouts=data.layouts, device="cpu", blend=blend)
 
@@ -396,6 +407,10 @@ class _TrainingData:
         """Train + validation rows, sorted: what the refit trains on and what the fingerprint covers."""
         return np.sort(np.concatenate([self.split.train, self.split.validation]))
 
+    def weights(self, rows: np.ndarray, training: TrainingConfig) -> np.ndarray | None:
+        """Training weights of the given sample rows (None: all 1): video_balanced_weights when balancing."""
+        return video_balanced_weights(self.samples, rows) if training.balance_videos else None
+
     def batch(self, rows: np.ndarray) -> StoredInputs:
         """Network inputs of the given catalog rows (split rows), with normalised labels: index(i) reads the
         Batch of the i-th of them."""
@@ -462,7 +477,9 @@ class _EnsembleFit:
         # Early stopping weighs cold starts and nowcasts equally (each group's MAE, averaged).
         val_groups = (~self.data.samples.cold[self.data.split.validation]).astype(np.int64)
         net, history = fit_network(self._initial_network(member_seed), train_batch, val_batch, self.training,
-                                   member_seed, self.device, tag=f"[m{member}] ", val_groups=val_groups)
+                                   member_seed, self.device, tag=f"[m{member}] ", val_groups=val_groups,
+                                   train_weights=self.data.weights(self.data.split.train, self.training),
+                                   val_weights=self.data.weights(self.data.split.validation, self.training))
         best_epoch = max([h["epoch"] for h in history if h.get("best")] or [len(history)])
         quantiles = self._validation_quantiles(net, val_batch)
         if not self.training.refit_full_train:
@@ -471,7 +488,8 @@ class _EnsembleFit:
         # the early-stopped number of epochs (the validation set was only needed to pick that number).
         net, refit_history = fit_network(self._initial_network(member_seed), self.data.batch(self.data.fit_rows),
                                          None, self.training, member_seed + 1, self.device, fixed_epochs=best_epoch,
-                                         tag=f"[m{member} refit] ")
+                                         tag=f"[m{member} refit] ",
+                                         train_weights=self.data.weights(self.data.fit_rows, self.training))
         return net, {"early_stopping": history, "refit": refit_history, "best_epoch": best_epoch}, quantiles
 
     def _validation_quantiles(self, net: PopularityNet, val_batch: StoredInputs) -> np.ndarray:
@@ -517,13 +535,16 @@ class _ValidationSample:
     nowcast: np.ndarray
     labels: np.ndarray
     quantiles: np.ndarray
+    weights: np.ndarray | None
 
     @classmethod
-    def draw(cls, data: _TrainingData, validation_q: np.ndarray, seed: int) -> "_ValidationSample":
+    def draw(cls, data: _TrainingData, validation_q: np.ndarray, seed: int, training: TrainingConfig
+             ) -> "_ValidationSample":
         positions = _sample_rows(np.arange(len(data.split.validation)), BLEND_MAX_VALIDATION_ROWS, seed + 8)
         rows = data.split.validation[positions]
         matrix, nowcast = blend_matrix(data.tabular(rows), data.layouts, *_label_units(data))
-        return cls(matrix, nowcast, data.arrays["log_labels"][rows], validation_q[positions])
+        return cls(matrix, nowcast, data.arrays["log_labels"][rows], validation_q[positions],
+                   data.weights(rows, training))
 
     def calibration(self, blend) -> dict:
         """Split-conformal offsets of the p10–p90 interval per group and target (model.calibration), from the
@@ -531,14 +552,15 @@ class _ValidationSample:
         q = self.quantiles.astype(np.float32)
         if blend is not None:
             q = blend.apply(q, self.matrix, self.nowcast)
-        return interval_offsets(q, self.labels, self.nowcast)
+        return interval_offsets(q, self.labels, self.nowcast, self.weights)
 
 
 def _label_units(data: _TrainingData) -> tuple[np.ndarray, np.ndarray]:
     return data.targets.center.astype(np.float64), data.targets.scale.astype(np.float64)
 
 
-def _fit_blend(data: _TrainingData, validation: _ValidationSample, seed: int, config: dict):
+def _fit_blend(data: _TrainingData, validation: _ValidationSample, seed: int, config: dict,
+               training: TrainingConfig):
     """The trees of model.blend, fitted on (at most BASELINE_MAX_TRAIN_ROWS) training rows; the network's
     weight per target picked on the validation sample against the early-stopping networks' medians. Records
     the weights and the validation MAEs in config["blend"]; None when lightgbm is missing or no group has trees."""
@@ -549,7 +571,8 @@ def _fit_blend(data: _TrainingData, validation: _ValidationSample, seed: int, co
     categorical = baselines.tabular_matrix(train_batch.index(torch.arange(1)), data.layouts)[2]
     blend, report = fit_tree_blend(train_x, data.arrays["log_labels"][train_rows], train_nowcast, validation.matrix,
                                    validation.labels, validation.nowcast, validation.quantiles[..., 1], seed,
-                                   categorical)
+                                   categorical, train_weights=data.weights(train_rows, training),
+                                   val_weights=validation.weights)
     if blend is not None:
         config["blend"] = {"weights": blend.weights(), "validation": report,
                            "train_rows": int(len(train_rows)), "validation_rows": int(len(validation.labels))}
@@ -708,9 +731,16 @@ def nowcast_metrics(data: _TrainingData, q: np.ndarray, seed: int, peers_enabled
         matrix = lambda r: baselines.nowcast_matrix(data.tabular(r), data.layouts, arrays, r)   # noqa: E731
         tr_x, names, cats = matrix(train_rows)
         va_x, te_x = matrix(val_rows)[0], matrix(rows)[0]
-        for label, objective in (("lightgbm", "regression"), ("lightgbm_l1", "regression_l1")):
+        # The issue's peers (every pair counts once), and the same trees with each video's pairs weighing 1
+        # in all, as popcast trains (model.samples.video_balanced_weights): the stronger of the two is the bar.
+        balanced = (video_balanced_weights(data.samples, train_rows), video_balanced_weights(data.samples, val_rows))
+        for label, objective, weights in (("lightgbm", "regression", (None, None)),
+                                          ("lightgbm_l1", "regression_l1", (None, None)),
+                                          ("lightgbm_balanced", "regression", balanced),
+                                          ("lightgbm_l1_balanced", "regression_l1", balanced)):
             pred = baselines.lightgbm_predictions(tr_x, arrays["log_labels"][train_rows], va_x,
-                                                  arrays["log_labels"][val_rows], te_x, cats, seed, objective)
+                                                  arrays["log_labels"][val_rows], te_x, cats, seed, objective,
+                                                  *weights)
             if pred is not None:
                 peers[label] = pred
         for name, pred in peers.items():

@@ -42,3 +42,20 @@ def test_offsets_never_cross_the_median_and_unknown_labels_are_ignored() -> None
     assert np.all(out[..., 0] <= out[..., 1]) and np.all(out[..., 1] <= out[..., 2])
     assert np.array_equal(out[..., 1], q[..., 1])
     assert apply_offsets(q, None, np.zeros(len(q), dtype=bool)) is q
+
+
+def test_weighted_offsets_reach_the_nominal_coverage_of_the_weighted_population() -> None:
+    """Rows of one kind weigh 0.1 each (as a video's many pairs do): the offset is set for the weighted mix,
+    where the unweighted one would follow the heavily repeated rows."""
+    rng = np.random.default_rng(2)
+    q_val, y_val = _draw(rng, 6000, 2.56)
+    repeated = np.arange(len(q_val)) < 5000            # 5000 rows worth 500: their noise is 3× smaller
+    y_val[repeated] = q_val[repeated, :, 1] + (y_val[repeated] - q_val[repeated, :, 1]) / 3
+    weights = np.where(repeated, 0.1, 1.0)
+    nowcast = np.ones(len(q_val), dtype=bool)
+    weighted = interval_offsets(q_val, y_val, nowcast, weights)
+    plain = interval_offsets(q_val, y_val, nowcast)
+    inside = (y_val >= q_val[..., 0] - np.array(weighted["nowcast"])) & (y_val <= q_val[..., 2] + np.array(weighted["nowcast"]))
+    coverage = (inside * weights[:, None]).sum(axis=0) / weights.sum()
+    assert np.all(np.abs(coverage - NOMINAL_COVERAGE) < 0.02), coverage
+    assert np.all(np.array(weighted["nowcast"]) > np.array(plain["nowcast"]) + 0.2)

@@ -19,8 +19,8 @@ from featurizers.core.contracts import CATALOG_SCHEMA, TARGETS, FeatureSpec
 from featurizers.core.feature_table import feature_table_to_arrow
 from model.artifact import load_model
 from model.data import Observed, catalog_arrays, observed_arrays
-from model.network import NetworkConfig, PopularityNet
-from model.samples import NOWCAST_MIN_GAP_DAYS, observation_samples, split_samples
+from model.network import NetworkConfig, PopularityNet, pinball_loss
+from model.samples import NOWCAST_MIN_GAP_DAYS, observation_samples, split_samples, video_balanced_weights
 from model.train import TrainingConfig, train
 
 META = FeatureSpec("meta", "meta-test", "1", {}, (("quality", pa.float32()), ("hour", pa.int32())))
@@ -108,6 +108,38 @@ def test_split_keeps_every_observation_of_a_test_video_out_of_training():
     assert abs(len(test) / len(set(videos)) - 0.2) < 0.03
 
 
+def test_each_video_pairs_weigh_one_in_all_and_cold_samples_one_each():
+    table, _ = observation_log()
+    samples = observation_samples(catalog_arrays(table))
+    split = split_samples(samples, 0.8)
+    rows = split.train
+    weights = video_balanced_weights(samples, rows)
+    cold, videos = samples.cold[rows], samples.arrays["video_id"][rows].astype(str)
+    assert weights.shape == rows.shape and np.all(weights[cold] == 1.0)
+    # Per video, its pairs' weights sum to the same total (a video seen 4 times, 6 pairs, = one seen twice).
+    totals = {v: weights[~cold & (videos == v)].sum() for v in set(videos[~cold])}
+    per_video = np.array(list(totals.values()))
+    pair_counts = np.array([(~cold & (videos == v)).sum() for v in totals])
+    assert len(set(pair_counts)) > 1   # the log mixes videos with 1, 3 and 6 pairs
+    np.testing.assert_allclose(per_video, per_video[0])
+    # The pairs keep their total weight (the group's share of the loss is unchanged).
+    assert np.isclose(weights[~cold].sum(), (~cold).sum())
+    # No pairs among the rows: no weights (every row counts once).
+    assert video_balanced_weights(samples, rows[cold]) is None
+
+
+def test_weighted_pinball_loss_is_the_weighted_mean_of_rows():
+    rng = np.random.default_rng(0)
+    pred = torch.tensor(rng.normal(size=(6, len(TARGETS), 3)), dtype=torch.float32)
+    labels = torch.tensor(rng.normal(size=(6, len(TARGETS))), dtype=torch.float32)
+    mask = torch.ones(6, len(TARGETS), dtype=torch.bool)
+    per_row = torch.stack([pinball_loss(pred[i:i + 1], labels[i:i + 1], mask[i:i + 1]) for i in range(6)])
+    weights = torch.tensor([3.0, 1.0, 0.5, 0.5, 0.0, 1.0])
+    expected = (per_row * weights).sum() / weights.sum()
+    torch.testing.assert_close(pinball_loss(pred, labels, mask, weights), expected)
+    torch.testing.assert_close(pinball_loss(pred, labels, mask, torch.ones(6)), pinball_loss(pred, labels, mask))
+
+
 # ------------------------------------------------------------------------------------------- network
 def _nowcast_net(layouts) -> PopularityNet:
     torch.manual_seed(0)
@@ -163,7 +195,7 @@ def test_train_writes_nowcasts_and_beats_counts_staying_as_they_are(nowcast_mode
     assert nowcasts.num_rows == now["n_videos"] > 5
     assert pc.all(pc.less(nowcasts.column("input_observed_at"),
                                           nowcasts.column("target_observed_at"))).as_py()
-    for peer in ("counts_stay", "szabo_huberman", "lightgbm"):
+    for peer in ("counts_stay", "szabo_huberman", "lightgbm", "lightgbm_l1_balanced"):
         assert peer in now
     for target in TARGETS:
         assert now["model"][target]["mae_log1p"] < now["counts_stay"][target]["mae_log1p"]
