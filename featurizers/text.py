@@ -24,12 +24,18 @@ from featurizers.core.feature_table import feature_table_to_arrow
 __all__ = ["BOW_DIM", "normalize_text", "normalize_hashtag", "caption_text", "caption_length", "tokenize",
            "feature_hash", "hashtag_hashes", "hashed_bag_of_words", "TextEmbedder", "packaged_minilm_dir",
            "resolve_model_source", "SentenceEmbedder", "MultilingualE5Embedder", "EMBEDDERS", "make_text_embedder",
-           "AUTO_TEXT_MODEL", "TEXT_MODEL_OF_FEATURIZER",
+           "AUTO_TEXT_MODEL", "TEXT_MODEL_OF_FEATURIZER", "CPU_TEXTS_PER_PASS",
            "text_spec", "text_features", "text_feature_table", "spec"]
 
 BOW_DIM = 512
 TEXT_VERSION = "1"
 PAD_MULTIPLE = 16   # tokens: a text's padded length depends on the text alone (SentenceEmbedder.embed)
+# Texts per forward pass on CPU, always (the last pass of a length is filled up with copies): a multi-threaded
+# CPU GEMM divides its work by the matrix shape, and a different division changes the last bits of a row's
+# result. The price, 1,500 bilibili captions on 2 threads, back to back: 12.5-13.4 s in one call and 16.3 s in
+# bundles of 1-64, against 9.6 s and 10.5-11.1 s with passes of up to 64 texts (where 26% of the rows differed
+# between the two). Passes of a fixed token budget instead (64 / 256 tokens) took 15.2 / 11.2 s and 16.0 / 15.3 s.
+CPU_TEXTS_PER_PASS = 4
 HASHTAG_PREFIX = "#"  # hashtags share the word hashing space under this prefix: "#travel" != "travel"
 
 _TOKEN_PATTERN = re.compile(r"(?P<tag>#\w+)|(?P<word>\w+)|(?P<other>[^\w\s])")
@@ -168,7 +174,8 @@ def resolve_model_source(model_source: str | os.PathLike | None, cache_dir: str 
 class SentenceEmbedder:
     """Mean-pooled, L2-normalised sentence embeddings from a Hugging Face encoder (default: the
     packaged all-MiniLM-L6-v2, 384-d). Texts are batched with texts of the same padded length, so that
-    padding stays small and no text's embedding depends on its batch; output rows follow the input order."""
+    padding stays small and no text's embedding depends on its batch; output rows follow the input order.
+    `batch_size`: texts per forward pass on a GPU; on CPU every pass holds CPU_TEXTS_PER_PASS texts."""
 
     def __init__(self, model_source: str | os.PathLike | None = None, device: str = "cpu",
                  max_length: int = 128, batch_size: int = 64, cache_dir: str | Path | None = None,
@@ -199,10 +206,12 @@ class SentenceEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [N, dim] unit-norm embeddings; texts longer than max_length are truncated.
 
-        A text's embedding does not depend on the other texts of the call: each is padded to its own token
-        count rounded up to PAD_MULTIPLE, and batched only with texts of that padded length. Padding to the
-        longest text of a batch changed the last bits with the batch a caption landed in (Beam's bundles),
-        so featurizing a catalog twice gave different features and models (README, "Nowcasting")."""
+        On CPU a text's embedding does not depend on the other texts of the call, to the bit: each is padded
+        to its own token count rounded up to PAD_MULTIPLE, and batched only with texts of that padded length,
+        in passes of exactly CPU_TEXTS_PER_PASS texts. Padding to the longest text of a batch, or passes of
+        as many texts as a bundle happened to hold, changed the last bits with the bundle a caption landed in
+        (Beam's bundles vary run to run), so featurizing a catalog twice gave different features and models
+        (README, "Nowcasting"). On a GPU passes hold up to batch_size texts (throughput first)."""
         import torch
 
         texts = ["" if t is None else str(t) for t in texts]
@@ -212,21 +221,24 @@ class SentenceEmbedder:
         token_counts = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)
                         ["input_ids"]]
         padded = np.minimum(-(-np.asarray(token_counts) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length)
+        fixed_shape = None if self.device.type == "cuda" else CPU_TEXTS_PER_PASS
+        per_pass = self.batch_size if fixed_shape is None else fixed_shape
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
         with self._lock, torch.inference_mode(), autocast:
             for length in np.unique(padded):
                 rows = np.flatnonzero(padded == length)
-                for start in range(0, len(rows), self.batch_size):
-                    batch = rows[start: start + self.batch_size]
-                    encoded = self.tokenizer([texts[i] for i in batch], padding="max_length", truncation=True,
+                for start in range(0, len(rows), per_pass):
+                    batch = rows[start: start + per_pass]
+                    shaped = batch if fixed_shape is None else np.resize(batch, fixed_shape)   # cycles batch
+                    encoded = self.tokenizer([texts[i] for i in shaped], padding="max_length", truncation=True,
                                              max_length=int(length), return_tensors="pt")
                     encoded = {k: v.to(self.device) for k, v in encoded.items()}
                     hidden = self.model(**encoded).last_hidden_state.float()
                     mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                     pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
                     pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                    out[batch] = pooled.cpu().numpy()
+                    out[batch] = pooled[:len(batch)].cpu().numpy()
         return out
 
 

@@ -30,7 +30,7 @@ from featurizers.core.feature_table import featurized_ids, modality_path, read_c
 from featurizers.core.observations import earliest_observations
 from featurizers.decode import SAMPLINGS
 from featurizers.history import curve_from_spec_config
-from featurizers.text import AUTO_TEXT_MODEL, TEXT_MODEL_OF_FEATURIZER
+from featurizers.text import AUTO_TEXT_MODEL, CPU_TEXTS_PER_PASS, TEXT_MODEL_OF_FEATURIZER
 from pipelines import publish
 from pipelines.catalog import read_catalog
 from pipelines.history_transforms import CreatorHistory, prepare_history
@@ -99,7 +99,8 @@ def parse_known_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--visual-batch-videos", type=positive_int, default=_DEFAULTS.visual_batch_videos,
                         help="videos per visual inference batch")
     parser.add_argument("--text-batch", type=positive_int, default=_DEFAULTS.text_batch,
-                        help="captions per text inference batch")
+                        help="captions per text embedding call (on a GPU also per forward pass; on CPU "
+                             f"every pass holds {CPU_TEXTS_PER_PASS}, so features do not change with it)")
     parser.add_argument("--decode-parallelism", type=non_negative_int, default=_DEFAULTS.decode_parallelism,
                         help="videos decoded at once per worker, one decoder thread each (0 = min(4, cores); "
                              "1 where the runner runs one process per core)")
