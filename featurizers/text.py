@@ -221,16 +221,15 @@ class SentenceEmbedder:
         token_counts = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)
                         ["input_ids"]]
         padded = np.minimum(-(-np.asarray(token_counts) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length)
-        fixed_shape = None if self.device.type == "cuda" else CPU_TEXTS_PER_PASS
-        per_pass = self.batch_size if fixed_shape is None else fixed_shape
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
+        on_gpu = self.device.type == "cuda"
+        per_pass = self.batch_size if on_gpu else CPU_TEXTS_PER_PASS
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
         with self._lock, torch.inference_mode(), autocast:
             for length in np.unique(padded):
                 rows = np.flatnonzero(padded == length)
                 for start in range(0, len(rows), per_pass):
                     batch = rows[start: start + per_pass]
-                    shaped = batch if fixed_shape is None else np.resize(batch, fixed_shape)   # cycles batch
+                    shaped = batch if on_gpu else np.resize(batch, per_pass)   # a short pass repeats its own rows
                     encoded = self.tokenizer([texts[i] for i in shaped], padding="max_length", truncation=True,
                                              max_length=int(length), return_tensors="pt")
                     encoded = {k: v.to(self.device) for k, v in encoded.items()}
