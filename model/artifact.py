@@ -45,6 +45,7 @@ from model.blend import BLEND_FILE, TreeBlend, blend_matrix, nowcast_rows
 from model.calibration import apply_offsets
 from model.network import NetworkConfig, PopularityNet
 from model.samples import input_arrays
+from model.young_age import apply_young_age_growth
 
 __all__ = ["ModelIntegrityError", "verify_model_dir", "CHECKSUMS_KEY", "FORMAT", "LoadedModel", "autocast",
            "build_networks", "json_default", "load_model", "model_version", "quantiles_to_counts", "save_model"]
@@ -119,7 +120,7 @@ class LoadedModel(ModelCard):
                           ) -> np.ndarray:
         """(B, T, 3) p10/p50/p90 of log1p(count) of a prepared Batch (ensemble mean, then the tree blend when
         the model has one, then the calibrated interval; blend=False or a modality ablation gives the network
-        alone): predict_log's step,
+        alone; then the young-age growth of model.young_age on every path): predict_log's step,
         for callers that build inputs themselves (training reads its test rows from disk)."""
         center = np.asarray(self.config["target_center"], dtype=np.float32)
         scale = np.asarray(self.config["target_scale"], dtype=np.float32)
@@ -127,14 +128,19 @@ class LoadedModel(ModelCard):
         with torch.inference_mode(), autocast(self.device):
             preds = torch.stack([net(on_device, drop_modalities) for net in self.networks]).mean(0)
         q = preds.float().cpu().numpy() * scale[None, :, None] + center[None, :, None]
-        if not blend or drop_modalities:
-            return q
-        if self.blend is not None:
-            matrix, nowcast = blend_matrix(batch, self.layouts, center.astype(np.float64), scale.astype(np.float64))
-            q = self.blend.apply(q, matrix, nowcast)
-        else:
-            nowcast = nowcast_rows(batch)
-        return apply_offsets(q, self.config.get("calibration"), nowcast)
+        if blend and not drop_modalities:
+            if self.blend is not None:
+                matrix, nowcast = blend_matrix(batch, self.layouts, center.astype(np.float64),
+                                               scale.astype(np.float64))
+                q = self.blend.apply(q, matrix, nowcast)
+            else:
+                nowcast = nowcast_rows(batch)
+            q = apply_offsets(q, self.config.get("calibration"), nowcast)
+        # Last, on every path: rows younger than the trained ages grow into them (model.young_age).
+        growth = self.config.get("young_age_growth") or {}
+        return apply_young_age_growth(q, batch.log_age.cpu().numpy(), self.config["network"].get("log_age_min"),
+                                      growth.get("exponents"),
+                                      None if batch.observed is None else batch.observed.mask.cpu().numpy())
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                 horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:

@@ -63,6 +63,7 @@ from model.metrics import all_target_metrics, mean_mae
 from model.samples import (NOWCAST_MIN_GAP_DAYS, Samples, observation_samples, split_samples,
                            video_balanced_weights)
 from model.network import QUANTILES, NetworkConfig, PopularityNet, pinball_loss
+from model.young_age import DEFAULT_EXPONENTS, GROWTH_DAYS, fit_growth_exponents
 
 __all__ = ["TrainingConfig", "train"]
 
@@ -83,6 +84,9 @@ class TrainingConfig:
     refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
     blend_trees: bool = True          # mix LightGBM into the median, weights picked on validation (model.blend)
     balance_videos: bool = True       # each video's (earlier → later) pairs weigh 1 in all (video_balanced_weights)
+    # Rows younger than the trained ages (model.young_age): "off" (flat, as the network's age clamp), "prior"
+    # (exponents from the catalog's own young pairs, else the shipped prior), or {target: exponent}.
+    young_age_growth: str | dict = "off"
 
 
 @contextmanager
@@ -251,6 +255,7 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
         network = _network_config(network, data.source, arrays, split, clamp_age, nowcast)
         config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
                                init_from=init_from, freeze=freeze, device=device)
+        config["young_age_growth"] = _young_age_growth(samples, split, training.young_age_growth)
         ensemble = _EnsembleFit(config, data, training, device, data.source, tuple(freeze))
         networks, histories, validation_q = ensemble.fit(seed, threads)
         config["model_version"] = model_version(config)
@@ -311,6 +316,29 @@ def _network_config(network: NetworkConfig | None, source: LoadedModel | None, a
         network.log_age_min = float(np.min(log_age(arrays["age_days"][fit_rows])))
         network.log_age_max = float(np.max(log_age(arrays["age_days"][fit_rows])))
     return network
+
+
+def _young_age_growth(samples: Samples, split: Split, setting: str | dict | None) -> dict | None:
+    """config["young_age_growth"]: the exponents rows younger than the trained ages grow with, and where they
+    come from (model.young_age); None when off."""
+    if setting is None or setting == "off":
+        return None
+    if isinstance(setting, dict):
+        return {"exponents": {t: float(setting[t]) for t in TARGETS}, "source": "given",
+                "growth_days": GROWTH_DAYS}
+    fit_rows = np.sort(np.concatenate([split.train, split.validation]))
+    pairs = fit_rows[~samples.cold[fit_rows]]
+    arrays = samples.arrays
+    fitted = None
+    if len(pairs):
+        fitted = fit_growth_exponents(arrays["input_age_days"][pairs], arrays["age_days"][pairs],
+                                      arrays["input_log_labels"][pairs], arrays["log_labels"][pairs],
+                                      video_balanced_weights(samples, pairs))
+    if fitted is not None:
+        return {"exponents": fitted, "source": f"the catalog's training pairs ({len(pairs)})",
+                "growth_days": GROWTH_DAYS}
+    return {"exponents": dict(DEFAULT_EXPONENTS), "source": "prior (bilibili-popular-2023, model.young_age)",
+            "growth_days": GROWTH_DAYS}
 
 
 @dataclass

@@ -44,7 +44,22 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", default=None, type=modality_list,
                    help="comma-separated subset of modalities to use (default: every modality with features "
                         "under --features)")
+    p.add_argument("--young-age-growth", default=training.young_age_growth, type=_young_age_growth,
+                   help="how counts of videos younger than every training video grow with age: off (flat: "
+                        "predicted at the youngest trained age), prior (log-linear growth in the first week, "
+                        "exponents from the catalog's own young observation pairs, else measured on a real "
+                        "observation log; for catalogs that sample videos whatever their counts, not for "
+                        "trending lists), or views=B,likes=B,comments=B,shares=B (default: %(default)s)")
     return p
+
+
+def _young_age_growth(text: str):
+    from model.young_age import parse_young_age_growth
+    try:
+        setting = parse_young_age_growth(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return "off" if setting is None else setting
 
 
 def train_main(argv: list[str] | None = None) -> dict:
@@ -62,7 +77,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     # 0 has always meant "the default" here, not "no training".
     overrides = {"epochs": args.epochs, "ensemble_size": args.ensemble}
-    training = TrainingConfig(**{k: v for k, v in overrides.items() if v})
+    training = TrainingConfig(**{k: v for k, v in overrides.items() if v}, young_age_growth=args.young_age_growth)
     result = train(read_catalog(args.catalog), args.features, args.output, split_quantile=args.split_quantile,
                    seed=args.seed, init_from=args.init_from, freeze=tuple(x for x in args.freeze.split(",") if x),
                    device=args.device, training=training,

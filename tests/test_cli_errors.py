@@ -57,6 +57,8 @@ def usage_error(argv: list[str], capsys) -> str:
       "{root}/s"], "--model"),
     (["train", "--catalog", "{catalog}", "--features", "{root}", "--output", "{root}/m", "--split-quantile", "1.5"],
      "--split-quantile"),
+    (["train", "--catalog", "{catalog}", "--features", "{root}", "--output", "{root}/m", "--young-age-growth",
+      "views=0.5"], "--young-age-growth"),
     (["train", "--catalog", "{catalog}", "--features", "{root}/none", "--output", "{root}/m"], "--features"),
     (["featurize", "--catalog", "{catalog}", "--output", "{root}/f", "--max-error-fraction", "2"],
      "--max-error-fraction"),
