@@ -45,7 +45,7 @@ from model.blend import BLEND_FILE, TreeBlend, blend_matrix, nowcast_rows
 from model.calibration import apply_offsets
 from model.network import NetworkConfig, PopularityNet
 from model.samples import input_arrays
-from model.young_age import apply_young_age_growth
+from model.young_age import GROWTH_DAYS, apply_young_age_growth
 
 __all__ = ["ModelIntegrityError", "verify_model_dir", "CHECKSUMS_KEY", "FORMAT", "LoadedModel", "autocast",
            "build_networks", "json_default", "load_model", "model_version", "quantiles_to_counts", "save_model"]
@@ -140,7 +140,8 @@ class LoadedModel(ModelCard):
         growth = self.config.get("young_age_growth") or {}
         return apply_young_age_growth(q, batch.log_age.cpu().numpy(), self.config["network"].get("log_age_min"),
                                       growth.get("exponents"),
-                                      None if batch.observed is None else batch.observed.mask.cpu().numpy())
+                                      None if batch.observed is None else batch.observed.mask.cpu().numpy(),
+                                      growth.get("growth_days", GROWTH_DAYS))
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                 horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:

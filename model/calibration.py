@@ -16,13 +16,13 @@ import numpy as np
 
 from featurizers.core.contracts import TARGETS
 
-__all__ = ["NOMINAL_COVERAGE", "interval_offsets", "apply_offsets"]
+__all__ = ["NOMINAL_COVERAGE", "interval_offsets", "apply_offsets", "weighted_quantile"]
 
 NOMINAL_COVERAGE = 0.8   # p10–p90
 MIN_ROWS = 20            # fewer validation rows with a label in a group: no offset (0) for that target
 
 
-def _weighted_quantile(scores: np.ndarray, level: float, weights: np.ndarray | None) -> float:
+def weighted_quantile(scores: np.ndarray, level: float, weights: np.ndarray | None) -> float:
     """The smallest score whose share of the weight at or below it reaches `level` ("higher" when unweighted)."""
     if weights is None:
         return float(np.quantile(scores, level, method="higher"))
@@ -50,7 +50,7 @@ def interval_offsets(q: np.ndarray, labels: np.ndarray, nowcast: np.ndarray, wei
             w = None if weights is None else np.asarray(weights, dtype=np.float64)[rows][ok]
             scores = np.maximum(low - y[ok], y[ok] - high)
             level = min(1.0, math.ceil((n + 1) * NOMINAL_COVERAGE) / n)
-            offsets.append(_weighted_quantile(scores, level, w))
+            offsets.append(weighted_quantile(scores, level, w))
             before.append(float(np.average((y[ok] >= low) & (y[ok] <= high), weights=w)))
         out[group] = offsets
         out[f"{group}_coverage_before"] = before

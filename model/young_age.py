@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
+from model.calibration import weighted_quantile
 
 __all__ = ["DEFAULT_EXPONENTS", "GROWTH_DAYS", "MIN_FIT_PAIRS", "apply_young_age_growth", "fit_growth_exponents",
            "parse_young_age_growth", "young_age_factors"]
@@ -59,31 +60,31 @@ def fit_growth_exponents(input_age_days: np.ndarray, target_age_days: np.ndarray
         ok = usable & np.isfinite(rise)
         if ok.sum() < MIN_FIT_PAIRS:
             return None
-        slopes = rise[ok] / np.log(a1[ok] / a0[ok])
-        order = np.argsort(slopes, kind="stable")
-        cumulative = np.cumsum(w[ok][order])
-        median = slopes[order][int(np.searchsorted(cumulative, 0.5 * cumulative[-1]))]
+        median = weighted_quantile(rise[ok] / np.log(a1[ok] / a0[ok]), 0.5, w[ok])
         out[target] = round(float(max(median, 0.0)), 3)   # counts never shrink with age
     return out
 
 
-def young_age_factors(age_days: np.ndarray, min_trained_age_days: float, exponents: dict) -> np.ndarray:
+def young_age_factors(age_days: np.ndarray, min_trained_age_days: float, exponents: dict,
+                      growth_days: float = GROWTH_DAYS) -> np.ndarray:
     """(N, T) multipliers (≤ 1) of the predicted counts of rows of the given ages (module docstring)."""
     age = np.maximum(np.asarray(age_days, dtype=np.float64), MIN_AGE_DAYS)
-    reference = min(min_trained_age_days, GROWTH_DAYS)
-    ratio = np.minimum(np.minimum(age, GROWTH_DAYS) / reference, 1.0)
+    reference = min(min_trained_age_days, growth_days)
+    ratio = np.minimum(np.minimum(age, growth_days) / reference, 1.0)
     beta = np.array([exponents[t] for t in TARGETS], dtype=np.float64)
     return ratio[:, None] ** beta[None, :]
 
 
 def apply_young_age_growth(q: np.ndarray, log1p_age: np.ndarray, min_trained_log1p_age: float | None,
-                           exponents: dict | None, observed: np.ndarray | None = None) -> np.ndarray:
+                           exponents: dict | None, observed: np.ndarray | None = None,
+                           growth_days: float = GROWTH_DAYS) -> np.ndarray:
     """q (N, T, 3) log1p quantiles at ages log1p_age (N,) → a copy whose counts of rows younger than the
-    trained range are scaled by young_age_factors; targets marked in observed (N, T) bool are unchanged."""
+    trained range are scaled by young_age_factors; targets marked in observed (N, T) bool are unchanged.
+    growth_days: the bound the model was trained with (its config), so a later default cannot alter it."""
     if exponents is None or min_trained_log1p_age is None:
         return q
     factors = young_age_factors(np.expm1(np.asarray(log1p_age, dtype=np.float64)),
-                                math.expm1(min_trained_log1p_age), exponents)
+                                math.expm1(min_trained_log1p_age), exponents, growth_days)
     if observed is not None:
         factors = np.where(observed, 1.0, factors)
     if (factors >= 1.0).all():

@@ -27,6 +27,9 @@ def test_counts_younger_than_the_trained_ages_shrink_by_the_power_law_within_the
     # A model that trained on videos from 2 days on scales from 2 days, not from a week.
     young_model = young_age_factors(np.array([1.0, 2.0, 5.0]), 2.0, BETA)
     np.testing.assert_allclose(young_model[:, 0], [0.5 ** 0.5, 1.0, 1.0])
+    # A model trained with another bound keeps it (the config's growth_days, not today's default).
+    bounded_at_3 = young_age_factors(np.array([1.0, 3.0, 5.0]), 47.0, BETA, growth_days=3.0)
+    np.testing.assert_allclose(bounded_at_3[:, 0], [(1 / 3) ** 0.5, 1.0, 1.0])
 
 
 def test_apply_scales_every_quantile_count_and_leaves_observed_targets_alone():
@@ -110,6 +113,9 @@ def test_a_loaded_model_grows_young_horizons_and_leaves_trained_ages_alone(tmp_p
     for t in TARGETS:
         expected = flat[f"pred_{t}"] * 0.25 ** DEFAULT_EXPONENTS[t]
         np.testing.assert_allclose(with_law[f"pred_{t}"], expected, rtol=1e-4, atol=1e-3)
+    # Scoring reads the bound the model was trained with: one at the horizon itself leaves it flat.
+    model.config["young_age_growth"] = dict(growth, growth_days=young)
+    np.testing.assert_array_equal(model.predict(rows, tables, horizon_days=young)["pred_views"], flat["pred_views"])
     model.config["young_age_growth"] = growth
     at_trained = model.predict(rows, tables, horizon_days=min_age + 1)
     model.config["young_age_growth"] = None
