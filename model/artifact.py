@@ -141,7 +141,7 @@ class LoadedModel(ModelCard):
         return apply_young_age_growth(q, batch.log_age.cpu().numpy(), self.config["network"].get("log_age_min"),
                                       growth.get("exponents"),
                                       None if batch.observed is None else batch.observed.mask.cpu().numpy(),
-                                      growth.get("growth_days", GROWTH_DAYS))
+                                      growth.get("growth_days", GROWTH_DAYS), growth.get("exponent_range"))
 
     def predict(self, catalog_rows: pa.Table, feature_tables: dict[str, FeatureTable],
                 horizon_days: float | np.ndarray | None, batch_size: int = 4096) -> dict[str, np.ndarray]:

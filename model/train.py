@@ -18,7 +18,8 @@ import os
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -63,7 +64,8 @@ from model.metrics import all_target_metrics, mean_mae
 from model.samples import (NOWCAST_MIN_GAP_DAYS, Samples, observation_samples, split_samples,
                            video_balanced_weights)
 from model.network import QUANTILES, NetworkConfig, PopularityNet, pinball_loss
-from model.young_age import DEFAULT_EXPONENTS, GROWTH_DAYS, fit_growth_exponents
+from model.young_age import (DEFAULT_EXPONENT_RANGE, DEFAULT_EXPONENTS, EXPONENT_RANGE_LEVELS, GROWTH_DAYS,
+                              fit_growth_exponents)
 
 __all__ = ["TrainingConfig", "train"]
 
@@ -319,26 +321,30 @@ def _network_config(network: NetworkConfig | None, source: LoadedModel | None, a
 
 
 def _young_age_growth(samples: Samples, split: Split, setting: str | dict | None) -> dict | None:
-    """config["young_age_growth"]: the exponents rows younger than the trained ages grow with, and where they
-    come from (model.young_age); None when off."""
+    """config["young_age_growth"]: the exponents rows younger than the trained ages grow with, their range
+    (the intervals' slow and fast growth; None for given exponents) and where they come from
+    (model.young_age); None when off."""
     if setting is None or setting == "off":
         return None
     if isinstance(setting, dict):
-        return {"exponents": {t: float(setting[t]) for t in TARGETS}, "source": "given",
+        return {"exponents": {t: float(setting[t]) for t in TARGETS}, "exponent_range": None, "source": "given",
                 "growth_days": GROWTH_DAYS}
     fit_rows = np.sort(np.concatenate([split.train, split.validation]))
     pairs = fit_rows[~samples.cold[fit_rows]]
     arrays = samples.arrays
     fitted = None
     if len(pairs):
-        fitted = fit_growth_exponents(arrays["input_age_days"][pairs], arrays["age_days"][pairs],
-                                      arrays["input_log_labels"][pairs], arrays["log_labels"][pairs],
-                                      video_balanced_weights(samples, pairs))
+        fit = partial(fit_growth_exponents, arrays["input_age_days"][pairs], arrays["age_days"][pairs],
+                      arrays["input_log_labels"][pairs], arrays["log_labels"][pairs],
+                      video_balanced_weights(samples, pairs))
+        fitted = fit()
     if fitted is not None:
-        return {"exponents": fitted, "source": f"the catalog's training pairs ({len(pairs)})",
-                "growth_days": GROWTH_DAYS}
-    return {"exponents": dict(DEFAULT_EXPONENTS), "source": "prior (bilibili-popular-2023, model.young_age)",
-            "growth_days": GROWTH_DAYS}
+        slow, fast = (fit(level=level) for level in EXPONENT_RANGE_LEVELS)
+        return {"exponents": fitted, "exponent_range": {t: [slow[t], fast[t]] for t in TARGETS},
+                "source": f"the catalog's training pairs ({len(pairs)})", "growth_days": GROWTH_DAYS}
+    return {"exponents": dict(DEFAULT_EXPONENTS),
+            "exponent_range": {t: list(DEFAULT_EXPONENT_RANGE[t]) for t in TARGETS},
+            "source": "prior (bilibili-popular-2023, model.young_age)", "growth_days": GROWTH_DAYS}
 
 
 @dataclass

@@ -10,8 +10,8 @@ import pytest
 from featurizers.core.contracts import TARGETS
 from model.artifact import load_model
 from model.data import read_features
-from model.young_age import (DEFAULT_EXPONENTS, GROWTH_DAYS, MIN_FIT_PAIRS, apply_young_age_growth,
-                             fit_growth_exponents, parse_young_age_growth, young_age_factors)
+from model.young_age import (DEFAULT_EXPONENT_RANGE, DEFAULT_EXPONENTS, GROWTH_DAYS, MIN_FIT_PAIRS,
+                             apply_young_age_growth, fit_growth_exponents, parse_young_age_growth, young_age_factors)
 
 BETA = {"views": 0.5, "likes": 0.4, "comments": 0.3, "shares": 0.0}
 
@@ -48,6 +48,27 @@ def test_apply_scales_every_quantile_count_and_leaves_observed_targets_alone():
     assert apply_young_age_growth(q, np.log1p(ages), math.log1p(30.0), None) is q   # off
 
 
+def test_the_interval_widens_with_the_slow_and_fast_growth_the_further_a_row_is_extrapolated():
+    rng = np.random.default_rng(2)
+    q = np.sort(rng.uniform(4, 12, size=(4, len(TARGETS), 3)), axis=2).astype(np.float32)
+    ages = np.array([0.5, 2.0, 6.0, 40.0])
+    spread = {t: (0.5 * BETA[t], 2 * BETA[t] + 0.1) for t in TARGETS}
+    out = apply_young_age_growth(q, np.log1p(ages), math.log1p(30.0), BETA, exponent_range=spread)
+    slow = young_age_factors(ages, 30.0, {t: spread[t][0] for t in TARGETS})
+    fast = young_age_factors(ages, 30.0, {t: spread[t][1] for t in TARGETS})
+    counts = np.expm1(q.astype(np.float64))
+    np.testing.assert_allclose(np.expm1(out[..., 0].astype(np.float64)), counts[..., 0] * fast, rtol=1e-5)
+    np.testing.assert_allclose(np.expm1(out[..., 2].astype(np.float64)), counts[..., 2] * slow, rtol=1e-5)
+    np.testing.assert_allclose(out[..., 1], apply_young_age_growth(q, np.log1p(ages), math.log1p(30.0), BETA)[..., 1])
+    width, before = out[..., 2] - out[..., 0], q[..., 2] - q[..., 0]
+    assert (np.diff(out, axis=2) >= 0).all()
+    assert (width[:3, :3] > before[:3, :3]).all()                 # wider for young rows (not shares: β 0, range)
+    assert (np.diff((width - before)[:3, 0]) < 0).all()           # the more so the younger (in log units)
+    np.testing.assert_array_equal(out[3], q[3])                   # beyond the first week: unchanged
+    # The shipped range brackets the shipped median.
+    assert all(lo < DEFAULT_EXPONENTS[t] < hi for t, (lo, hi) in DEFAULT_EXPONENT_RANGE.items())
+
+
 def test_growth_exponents_are_recovered_from_young_pairs_and_need_enough_of_them():
     rng = np.random.default_rng(1)
     n = 2000
@@ -60,6 +81,11 @@ def test_growth_exponents_are_recovered_from_young_pairs_and_need_enough_of_them
     late = early + slopes[None, :] * np.log(a1 / a0)[:, None] + noise()
     fitted = fit_growth_exponents(a0, a1, early, late)
     np.testing.assert_allclose([fitted[t] for t in TARGETS], slopes, atol=0.02)
+    # With slopes spread uniformly ±0.2 around them, the 10th / 90th percentiles are ±0.16.
+    varied = early + (slopes[None, :] + 0.2 + rng.uniform(-0.2, 0.2, (n, 1))) * np.log(a1 / a0)[:, None]
+    for level, shift in ((0.1, -0.16), (0.5, 0.0), (0.9, 0.16)):
+        fitted = fit_growth_exponents(a0, a1, early, varied, level=level)
+        np.testing.assert_allclose([fitted[t] for t in TARGETS], slopes + 0.2 + shift, atol=0.03)
     # Old inputs (beyond the first week) and near-equal ages teach nothing about early growth.
     assert fit_growth_exponents(a0 + 30, a1 + 30, early, late) is None
     few = slice(0, MIN_FIT_PAIRS - 1)
@@ -110,9 +136,14 @@ def test_a_loaded_model_grows_young_horizons_and_leaves_trained_ages_alone(tmp_p
     with_law = model.predict(rows, tables, horizon_days=young)
     model.config["young_age_growth"] = None
     flat = model.predict(rows, tables, horizon_days=young)
+    assert growth["exponent_range"] == {t: list(DEFAULT_EXPONENT_RANGE[t]) for t in TARGETS}
     for t in TARGETS:
         expected = flat[f"pred_{t}"] * 0.25 ** DEFAULT_EXPONENTS[t]
         np.testing.assert_allclose(with_law[f"pred_{t}"], expected, rtol=1e-4, atol=1e-3)
+        # The interval: p10 grows with the fast end of the range, p90 with the slow end.
+        slow, fast = DEFAULT_EXPONENT_RANGE[t]
+        np.testing.assert_allclose(with_law[f"p10_{t}"], flat[f"p10_{t}"] * 0.25 ** fast, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(with_law[f"p90_{t}"], flat[f"p90_{t}"] * 0.25 ** slow, rtol=1e-4, atol=1e-3)
     # Scoring reads the bound the model was trained with: one at the horizon itself leaves it flat.
     model.config["young_age_growth"] = dict(growth, growth_days=young)
     np.testing.assert_array_equal(model.predict(rows, tables, horizon_days=young)["pred_views"], flat["pred_views"])
@@ -132,5 +163,6 @@ def test_an_observation_log_fits_its_own_exponents_from_its_training_pairs():
     growth = _young_age_growth(samples, split, "prior")
     assert growth["source"].startswith("the catalog's training pairs")
     assert set(growth["exponents"]) == set(TARGETS) and all(v >= 0 for v in growth["exponents"].values())
+    assert all(slow <= growth["exponents"][t] <= fast for t, (slow, fast) in growth["exponent_range"].items())
     assert _young_age_growth(samples, split, "off") is None
     assert _young_age_growth(samples, split, BETA)["exponents"] == BETA
