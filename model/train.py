@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable
 
@@ -86,6 +86,9 @@ class TrainingConfig:
     refit_full_train: bool = True     # after early stopping, retrain on train+validation for the best epochs
     blend_trees: bool = True          # mix LightGBM into the median, weights picked on validation (model.blend)
     balance_videos: bool = True       # each video's (earlier → later) pairs weigh 1 in all (video_balanced_weights)
+    # Of each video's weight, the share on its first-to-last pair (video_balanced_weights): the longest growth
+    # a video shows, the one a night's scoring asks for (its latest count to a horizon) and the one evaluated.
+    first_to_last_share: float = 0.5
     # Rows younger than the trained ages (model.young_age): "off" (flat, as the network's age clamp), "prior"
     # (exponents from the catalog's own young pairs, else the shipped prior), or {target: exponent}.
     young_age_growth: str | dict = "off"
@@ -272,7 +275,8 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
         nowcasts = None
         if data.nowcast_test.size:
             nowcasts = _nowcast_table(q, data)
-            metrics["nowcast"] = nowcast_metrics(data, q[data.nowcast_positions], seed, baselines_enabled)
+            metrics["nowcast"] = nowcast_metrics(data, q[data.nowcast_positions], seed, baselines_enabled,
+                                                 training)
         if blend is not None:   # the ablation: the network alone on the same rows
             q_network = _test_predictions(model, data, blend=False)
             metrics["network"] = _cold_metrics(q_network, data)
@@ -443,7 +447,8 @@ class _TrainingData:
 
     def weights(self, rows: np.ndarray, training: TrainingConfig) -> np.ndarray | None:
         """Training weights of the given sample rows (None: all 1): video_balanced_weights when balancing."""
-        return video_balanced_weights(self.samples, rows) if training.balance_videos else None
+        return (video_balanced_weights(self.samples, rows, training.first_to_last_share)
+                if training.balance_videos else None)
 
     def batch(self, rows: np.ndarray) -> StoredInputs:
         """Network inputs of the given catalog rows (split rows), with normalised labels: index(i) reads the
@@ -746,7 +751,8 @@ NOWCAST_INPUT_AGE_BUCKETS = (0.0, 0.5, 1.0, 2.0, 4.0, math.inf)
 NOWCAST_GAP_BUCKETS = (0.5, 1.0, 2.0, 4.0, math.inf)
 
 
-def nowcast_metrics(data: _TrainingData, q: np.ndarray, seed: int, peers_enabled: bool = True) -> dict:
+def nowcast_metrics(data: _TrainingData, q: np.ndarray, seed: int, peers_enabled: bool = True,
+                    training: TrainingConfig | None = None) -> dict:
     """Nowcast test metrics of the network (q: its quantiles on data.nowcast_test) beside the in-house peers
     fitted on the training videos' pairs, overall and by input age and gap."""
     arrays, rows = data.arrays, data.nowcast_test
@@ -766,8 +772,10 @@ def nowcast_metrics(data: _TrainingData, q: np.ndarray, seed: int, peers_enabled
         tr_x, names, cats = matrix(train_rows)
         va_x, te_x = matrix(val_rows)[0], matrix(rows)[0]
         # The issue's peers (every pair counts once), and the same trees with each video's pairs weighing 1
-        # in all, as popcast trains (model.samples.video_balanced_weights): the stronger of the two is the bar.
-        balanced = (video_balanced_weights(data.samples, train_rows), video_balanced_weights(data.samples, val_rows))
+        # in all, its first-to-last pair holding the same share as popcast gives it
+        # (model.samples.video_balanced_weights): the stronger of the two is the bar.
+        share = (training or TrainingConfig()).first_to_last_share
+        balanced = tuple(video_balanced_weights(data.samples, r, share) for r in (train_rows, val_rows))
         for label, objective, weights in (("lightgbm", "regression", (None, None)),
                                           ("lightgbm_l1", "regression_l1", (None, None)),
                                           ("lightgbm_balanced", "regression", balanced),

@@ -268,3 +268,23 @@ def test_score_job_nowcasts_from_the_latest_observation_as_of(nowcast_model, tmp
             assert row["input_observed_at"] == row["observed_at"] <= as_of
             assert row["horizon_days"] >= 7.0
     assert any(r["input_observed_at"] is None for r in scored) and any(r["input_observed_at"] for r in scored)
+
+
+def test_a_share_of_each_video_weight_can_go_to_the_pair_the_evaluation_scores():
+    table, _ = observation_log()
+    samples = observation_samples(catalog_arrays(table))
+    rows = split_samples(samples, 0.8).train
+    weights = video_balanced_weights(samples, rows, first_to_last_share=0.5)
+    even = video_balanced_weights(samples, rows)
+    pairs = ~samples.cold[rows]
+    videos = samples.arrays["video_id"][rows].astype(str)
+    evaluated = samples.first_to_last[rows]
+    several = [v for v in set(videos[pairs]) if (pairs & (videos == v)).sum() > 1 and (evaluated & (videos == v)).any()]
+    assert several
+    for v in several[:20]:
+        mine = pairs & (videos == v)
+        # Same total per video as the even split; its first-to-last pair holds half of it plus its even part.
+        assert np.isclose(weights[mine].sum(), even[mine].sum())
+        share = weights[mine & evaluated].sum() / weights[mine].sum()
+        assert np.isclose(share, 0.5 + 0.5 / mine.sum())
+    assert np.isclose(weights[pairs].sum(), pairs.sum()) and np.all(weights[~pairs] == 1.0)
