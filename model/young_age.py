@@ -12,10 +12,9 @@ trained age a_min the predicted counts are multiplied by (min(a, D) / min(a_min,
 with the median slope β, p10 with the fast end of the slopes and p90 with the slow end: a growth extrapolated
 further is less certain), where D = GROWTH_DAYS bounds the law to the first week, the span an observation log
 here measures it on (bilibili-popular-2023: first sightings at a median 0.95 days, last ones by 7–9 days); older
-than D a video
-keeps the flat extrapolation, as tiktok-travel's validation period supports (no bias between 47 and 102 days
-from networks trained on 102 days and older). β comes from the catalog's own (earlier → later) pairs when it
-is an observation log with enough young pairs (fit_growth_exponents), else the shipped prior
+than D a video keeps the flat extrapolation, as tiktok-travel's validation period supports (no bias between 47
+and 102 days from networks trained on 102 days and older). β comes from the catalog's own (earlier → later)
+pairs when it is an observation log with enough young pairs (fit_growth_exponents), else the shipped prior
 DEFAULT_EXPONENTS: what fit_growth_exponents gives on bilibili-popular-2023's training videos. A target a row
 predicts from an observed count (nowcasting) is left alone: its growth is learned from the pairs.
 
@@ -34,8 +33,8 @@ import numpy as np
 from featurizers.core.contracts import MIN_AGE_DAYS, TARGETS
 from model.calibration import weighted_quantile
 
-__all__ = ["DEFAULT_EXPONENTS", "DEFAULT_EXPONENT_RANGE", "EXPONENT_RANGE_LEVELS", "GROWTH_DAYS", "MIN_FIT_PAIRS", "apply_young_age_growth", "fit_growth_exponents",
-           "parse_young_age_growth", "young_age_factors"]
+__all__ = ["DEFAULT_EXPONENTS", "DEFAULT_EXPONENT_RANGE", "EXPONENT_RANGE_LEVELS", "GROWTH_DAYS", "MIN_FIT_PAIRS",
+           "apply_young_age_growth", "fit_growth_exponents", "parse_young_age_growth", "young_age_factors"]
 
 GROWTH_DAYS = 7.0
 # Median log-log growth of bilibili-popular-2023's training videos between their first and last sighting in
