@@ -136,10 +136,13 @@ class LoadedModel(ModelCard):
             else:
                 nowcast = nowcast_rows(batch)
             q = apply_offsets(q, self.config.get("calibration"), nowcast)
-        # Last, on every path: rows younger than the trained ages grow into them (model.young_age).
-        growth = self.config.get("young_age_growth") or {}
+        # Last, on every path: rows younger than the trained ages grow into them (model.young_age). Off (the
+        # default), no batch tensor is copied off the device for it.
+        growth = self.config.get("young_age_growth")
+        if not growth:
+            return q
         return apply_young_age_growth(q, batch.log_age.cpu().numpy(), self.config["network"].get("log_age_min"),
-                                      growth.get("exponents"),
+                                      growth["exponents"],
                                       None if batch.observed is None else batch.observed.mask.cpu().numpy(),
                                       growth.get("growth_days", GROWTH_DAYS), growth.get("exponent_range"))
 
