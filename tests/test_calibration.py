@@ -1,10 +1,13 @@
-"""model/calibration.py: split-conformal p10–p90 offsets reach the nominal coverage on fresh rows."""
+"""model/calibration.py: split-conformal p10–p90 offsets reach the nominal coverage on fresh rows; and the
+metrics that report which way the intervals miss."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from featurizers.core.contracts import TARGETS
 from model.calibration import NOMINAL_COVERAGE, apply_offsets, interval_offsets
+from model.metrics import target_metrics
 
 
 def _draw(rng: np.random.Generator, n: int, width: float) -> tuple[np.ndarray, np.ndarray]:
@@ -59,3 +62,15 @@ def test_weighted_offsets_reach_the_nominal_coverage_of_the_weighted_population(
     coverage = (inside * weights[:, None]).sum(axis=0) / weights.sum()
     assert np.all(np.abs(coverage - NOMINAL_COVERAGE) < 0.02), coverage
     assert np.all(np.array(weighted["nowcast"]) > np.array(plain["nowcast"]) + 0.2)
+
+
+def test_metrics_say_which_way_a_model_misses() -> None:
+    truth = np.array([1.0, 2.0, 3.0, 4.0, np.nan])
+    pred = np.array([1.5, 2.5, 3.5, 3.0, 9.0])      # over-predicts by 0.5 on three rows of four
+    low, high = pred - 0.6, pred + 0.6               # the last known row (4.0) lies above its p90 (3.6)
+    m = target_metrics(truth, pred, low, high)
+    assert m["n"] == 4 and m["bias_log1p"] == pytest.approx((0.5 + 0.5 + 0.5 - 1.0) / 4)
+    assert m["coverage_p10_p90"] == 0.75 and m["below_p10"] == 0.0 and m["above_p90"] == 0.25
+    shifted = target_metrics(truth, pred + 1.0, low + 1.0, high + 1.0)   # now too high
+    assert shifted["bias_log1p"] > 0.5 and shifted["below_p10"] == 0.75 and shifted["above_p90"] == 0.0
+    assert target_metrics(truth, pred)["below_p10"] is None   # no interval, no tail shares
