@@ -257,10 +257,10 @@ def train(catalog: pa.Table, features_dir: str, output_dir: str, split_quantile:
         workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="popcast-train-"))
         data = _TrainingData.prepare(samples, split, features_dir, modalities, init_from, workdir, nowcast)
         cleanup.callback(data.inputs.close)
-        network = _network_config(network, data.source, arrays, split, clamp_age, nowcast)
+        network = _network_config(network, data.source, arrays, data.fit_rows, clamp_age, nowcast)
         config = _model_config(data, network, training, seed=seed, split_quantile=split_quantile,
                                init_from=init_from, freeze=freeze, device=device)
-        config["young_age_growth"] = _young_age_growth(samples, split, training.young_age_growth)
+        config["young_age_growth"] = _young_age_growth(samples, data.fit_rows, training.young_age_growth)
         ensemble = _EnsembleFit(config, data, training, device, data.source, tuple(freeze))
         networks, histories, validation_q = ensemble.fit(seed, threads)
         config["model_version"] = model_version(config)
@@ -306,8 +306,9 @@ def _fit_layouts(split: Split, slots: np.ndarray, features: dict[str, StoredFeat
 
 
 def _network_config(network: NetworkConfig | None, source: LoadedModel | None, arrays: dict[str, np.ndarray],
-                    split: Split, clamp_age: bool, nowcast: bool = False) -> NetworkConfig:
-    """The architecture: a warm start must rebuild its source's, whatever was asked for.
+                    fit_rows: np.ndarray, clamp_age: bool, nowcast: bool = False) -> NetworkConfig:
+    """The architecture: a warm start must rebuild its source's, whatever was asked for. fit_rows: the
+    train + validation rows (the refit's), whose ages the age input is clamped to.
 
     The caller's NetworkConfig is completed in place (and returned), as callers may read it afterwards.
     """
@@ -318,22 +319,20 @@ def _network_config(network: NetworkConfig | None, source: LoadedModel | None, a
     if source is None:
         network.nowcast = nowcast
     if source is None and clamp_age:
-        fit_rows = np.concatenate([split.train, split.validation])
         network.log_age_min = float(np.min(log_age(arrays["age_days"][fit_rows])))
         network.log_age_max = float(np.max(log_age(arrays["age_days"][fit_rows])))
     return network
 
 
-def _young_age_growth(samples: Samples, split: Split, setting: str | dict | None) -> dict | None:
+def _young_age_growth(samples: Samples, fit_rows: np.ndarray, setting: str | dict | None) -> dict | None:
     """config["young_age_growth"]: the exponents rows younger than the trained ages grow with, their range
     (the intervals' slow and fast growth; None for given exponents) and where they come from
-    (model.young_age); None when off."""
+    (model.young_age: the young pairs among fit_rows, the train + validation rows); None when off."""
     if setting is None or setting == "off":
         return None
     if isinstance(setting, dict):
         return {"exponents": {t: float(setting[t]) for t in TARGETS}, "exponent_range": None, "source": "given",
                 "growth_days": GROWTH_DAYS}
-    fit_rows = np.sort(np.concatenate([split.train, split.validation]))
     pairs = fit_rows[~samples.cold[fit_rows]]
     arrays = samples.arrays
     fitted = None

@@ -109,13 +109,13 @@ def apply_young_age_growth(q: np.ndarray, log1p_age: np.ndarray, min_trained_log
     return np.log1p(np.maximum(counts, 0.0) * factors).astype(q.dtype)
 
 
-def parse_young_age_growth(text: str) -> str | dict | None:
-    """The --young-age-growth value: "off" (None: the flat extrapolation), "prior" (the catalog's own young
-    pairs when it has enough, else DEFAULT_EXPONENTS), or exponents for every target,
+def parse_young_age_growth(text: str) -> str | dict:
+    """The --young-age-growth value (TrainingConfig.young_age_growth): "off" (the flat extrapolation), "prior"
+    (the catalog's own young pairs when it has enough, else DEFAULT_EXPONENTS), or exponents for every target,
     "views=0.5,likes=0.45,comments=0.3,shares=0.45". Raises ValueError with a one-line reason."""
     text = text.strip()
     if text in ("off", "prior"):
-        return None if text == "off" else text
+        return text
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")

@@ -56,10 +56,9 @@ def train_parser() -> argparse.ArgumentParser:
 def _young_age_growth(text: str):
     from model.young_age import parse_young_age_growth
     try:
-        setting = parse_young_age_growth(text)
+        return parse_young_age_growth(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return "off" if setting is None else setting
 
 
 def train_main(argv: list[str] | None = None) -> dict:

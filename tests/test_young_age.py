@@ -93,7 +93,7 @@ def test_growth_exponents_are_recovered_from_young_pairs_and_need_enough_of_them
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("off", None), ("prior", "prior"),
+    ("off", "off"), (" prior", "prior"),
     ("views=0.5,likes=0.4,comments=0.3,shares=0", BETA),
 ])
 def test_the_flag_reads_off_prior_or_one_exponent_per_target(text, expected):
@@ -160,9 +160,12 @@ def test_an_observation_log_fits_its_own_exponents_from_its_training_pairs():
     from model.train import _young_age_growth
     samples = observation_samples(catalog_arrays(observation_log(n_videos=600)[0]))
     split = split_samples(samples, 0.8)
-    growth = _young_age_growth(samples, split, "prior")
+    fit_rows = np.sort(np.concatenate([split.train, split.validation]))
+    growth = _young_age_growth(samples, fit_rows, "prior")
     assert growth["source"].startswith("the catalog's training pairs")
     assert set(growth["exponents"]) == set(TARGETS) and all(v >= 0 for v in growth["exponents"].values())
     assert all(slow <= growth["exponents"][t] <= fast for t, (slow, fast) in growth["exponent_range"].items())
-    assert _young_age_growth(samples, split, "off") is None
-    assert _young_age_growth(samples, split, BETA)["exponents"] == BETA
+    assert _young_age_growth(samples, fit_rows, "off") is None
+    assert _young_age_growth(samples, fit_rows, BETA)["exponents"] == BETA
+    # Only the given rows' pairs count: too few of them, the shipped prior.
+    assert _young_age_growth(samples, fit_rows[:MIN_FIT_PAIRS // 2], "prior")["source"].startswith("prior")
