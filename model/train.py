@@ -324,11 +324,11 @@ def _network_config(network: NetworkConfig | None, source: LoadedModel | None, a
     return network
 
 
-def _young_age_growth(samples: Samples, fit_rows: np.ndarray, setting: str | dict | None) -> dict | None:
+def _young_age_growth(samples: Samples, fit_rows: np.ndarray, setting: str | dict) -> dict | None:
     """config["young_age_growth"]: the exponents rows younger than the trained ages grow with, their range
     (the intervals' slow and fast growth; None for given exponents) and where they come from
     (model.young_age: the young pairs among fit_rows, the train + validation rows); None when off."""
-    if setting is None or setting == "off":
+    if setting == "off":
         return None
     if isinstance(setting, dict):
         return {"exponents": {t: float(setting[t]) for t in TARGETS}, "exponent_range": None, "source": "given",
